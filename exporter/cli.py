@@ -1,0 +1,421 @@
+"""The `srcr` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from exporter import __version__
+from exporter.ui import stage_progress, stderr_console, user_errors
+
+app = typer.Typer(
+    name="srcr",
+    help=(
+        "Prune, quantize and export LLMs for edge runtimes (GGUF for llama.cpp, ONNX for ONNX Runtime), "
+        "and measure how much of the dense model's meaning survives in the exported file itself (Sr, SrCr)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PATTERN_HELP = (
+    "Semi-structured N:M sparsity: N of every M consecutive input weights are zeroed "
+    "(2:4 = 50%, 2:8 = 25%, 4:8 = 50%). Replaces --sparsity."
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"srcr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """srcr: compress a causal LM and measure semantic retention on the deployed artifact."""
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_table(manifest: dict[str, Any]) -> Table:
+    """The end-of-export summary: what was produced and what it keeps."""
+    table = Table(title=f"srcr export: {manifest['name']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    artifact, pruning, compression = manifest["artifact"], manifest["pruning"], manifest["compression"]
+    quant = manifest["quantization"]
+    rows = [
+        (
+            "artifact",
+            f"{artifact['file']} ({artifact['bytes'] / 1e6:.1f} MB, {artifact['bits_per_weight']:.2f} bits/w)",
+        ),
+        ("source", f"{manifest['source_model']['id']} ({manifest['source_model']['parameters'] / 1e6:.0f}M params)"),
+        (
+            "pruning",
+            f"{pruning['method'] or 'none'} {pruning['pattern'] or _fmt(pruning['sparsity'], '.0%')}, "
+            f"achieved {pruning['achieved_sparsity']:.2%} of pruned linears",
+        ),
+        ("quantization", f"{quant['type']} ({quant['bits']}-bit)"),
+        ("type mix", ", ".join(f"{k}: {v}" for k, v in (quant.get("type_mix") or {}).items()) or "-"),
+        ("TCr", f"{compression['tcr']:.4f}"),
+        ("actual compression", f"{compression['actual']:.4f} (vs F16 {artifact['f16_bytes'] / 1e6:.1f} MB)"),
+    ]
+    evaluation = manifest.get("evaluation")
+    if evaluation:
+        ppl, kld = evaluation["perplexity"], evaluation["kld"]
+        rows += [
+            ("perplexity", f"{ppl['compressed']:.2f} (base {ppl['base']:.2f})"),
+            (
+                "KL divergence",
+                f"mean {kld['mean']:.4f}, median {kld['median']:.4f}, p90 {kld['p90']:.4f}, "
+                f"p99 {kld['p99']:.4f}, max {kld['max']:.4f}",
+            ),
+            ("same top token", f"{evaluation['top1_agreement']:.2%}"),
+            ("semantic similarity", f"{evaluation['semantic']['mean']:.4f}"),
+            (
+                "last-word accuracy",
+                f"{evaluation['last_word']['acc']:.2%} (base {evaluation['last_word']['base_acc']:.2%})",
+            ),
+        ]
+        if evaluation.get("multiple_choice"):
+            mc = evaluation["multiple_choice"]
+            rows.append(("multiple choice acc", f"{mc['acc']:.2%} (base {mc['base_acc']:.2%})"))
+        retention = ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in evaluation["retention"].items())
+        rows += [
+            ("retention", retention),
+            ("Sr", f"{manifest['sr']:.4f}"),
+            ("SrCr (Sr×TCr)", f"{manifest['srcr']:.4f}"),
+            ("Sr × actual", f"{manifest['sr_actual']:.4f}"),
+        ]
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items())
+    rows.append(("wall time", timings))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command()
+def export(
+    sparsity: Annotated[
+        float, typer.Option(help="Unstructured sparsity: fraction of each pruned linear's weights zeroed, in [0, 1).")
+    ] = 0.0,
+    pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP)] = None,
+    method: Annotated[str, typer.Option(help="Pruning method: sparsegpt, wanda or magnitude.")] = "sparsegpt",
+    bits: Annotated[
+        int | None,
+        typer.Option(help="Quantization bit-width (GGUF: 2,3,4,5,6,8,16; ONNX: 2,4,8,16). Default 4."),
+    ] = None,
+    quant_type: Annotated[
+        str | None, typer.Option(help="Name the format's quantization type directly, e.g. Q4_K_M or IQ2_XXS.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Deployment format: gguf or onnx.")] = "gguf",
+    model: Annotated[
+        str | None,
+        typer.Option(help="Local Hugging Face folder or hub id. Default: the embedded SmolLM2-135M-Instruct."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
+    name: Annotated[
+        str | None, typer.Option(help="Base name of the output files (default: from the settings).")
+    ] = None,
+    calib: Annotated[
+        Path | None,
+        typer.Option(help="Calibration text: plain text or JSONL with a `text` field. Default: gensim's Lee corpus."),
+    ] = None,
+    calib_samples: Annotated[
+        int | None, typer.Option(help="Calibration samples (default 128, capped by the corpus).")
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sample (default 2048).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for choosing calibration windows.")] = 0,
+    device: Annotated[str, typer.Option(help="Where pruning runs: auto (CUDA when available), cpu or cuda.")] = "auto",
+    block_size: Annotated[int | None, typer.Option(help="ONNX: quantization block size (default 32).")] = None,
+    quant_algo: Annotated[str | None, typer.Option(help="ONNX: weight quantization algorithm (rtn, hqq, ...).")] = None,
+    quant_scheme: Annotated[
+        str | None, typer.Option(help="ONNX: weight-only (default) or dynamic (int8 weights and activations).")
+    ] = None,
+    symmetric: Annotated[
+        bool | None, typer.Option("--symmetric/--asymmetric", help="ONNX: symmetric or asymmetric blocks.")
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Measure the exported artifact against the dense model.")
+    ] = True,
+    eval_text: Annotated[
+        Path | None, typer.Option(help="Held-out evaluation text (default: gensim's lee.cor).")
+    ] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) for semantic similarity.")] = None,
+    tasks: Annotated[
+        Path | None, typer.Option(help='Multiple-choice tasks (JSONL: {"context", "choices", "answer"}).')
+    ] = None,
+    eval_windows: Annotated[int | None, typer.Option(help="Number of evaluation windows.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Reference pack: top-k log-probabilities kept per position.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Allow pickled .bin weights (they can run code: only for sources you trust).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of the table.")] = False,
+) -> None:
+    """Prune, quantize and export a model; evaluate the artifact and write its manifest."""
+    from exporter.pipeline import EvalOptions, ExportOptions, run_export
+
+    console = stderr_console()
+    with user_errors(console):
+        target_options = {
+            key: value
+            for key, value in {
+                "block_size": block_size,
+                "quant_algo": quant_algo,
+                "quant_scheme": quant_scheme,
+                "symmetric": symmetric,
+            }.items()
+            if value is not None
+        }
+        options = ExportOptions(
+            model=model,
+            format=fmt,
+            bits=bits if bits is not None or quant_type else 4,
+            quant_type=quant_type,
+            target_options=target_options,
+            method=method,
+            sparsity=sparsity,
+            pattern=pattern,
+            calib=calib,
+            calib_samples=calib_samples,
+            seq_len=seq_len,
+            seed=seed,
+            device=device,
+            out=out,
+            name=name,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            evaluation=EvalOptions(
+                enabled=evaluate, eval_text=eval_text, prompts=prompts, tasks=tasks, windows=eval_windows, top_k=top_k
+            ),
+        )
+        with stage_progress(console) as progress:
+            manifest = run_export(options, progress)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+    else:
+        Console().print(summary_table(manifest))
+
+
+def _parse_tolerances(items: list[str]) -> dict[str, float]:
+    from exporter.errors import SrcrError
+
+    tolerances = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            tolerances[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SrcrError(f"--tolerance {item!r} is not NAME=VALUE; e.g. --tolerance sr=0.02")
+    return tolerances
+
+
+@app.command()
+def verify(
+    manifest: Annotated[Path, typer.Argument(help="The <name>.manifest.json written by srcr export.")],
+    tolerance: Annotated[
+        list[str] | None,
+        typer.Option(help="Override a tolerance, NAME=VALUE (repeatable); see docs/verify.md for names."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Runtime device: auto, cpu or cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+) -> None:
+    """Re-measure an exported artifact on this device and compare with its manifest (exit 1 on drift)."""
+    from exporter.verify import verify as run_verify
+
+    console = stderr_console()
+    with user_errors(console):
+        limits = _parse_tolerances(tolerance or [])
+        with stage_progress(console) as progress:
+            outcome = run_verify(manifest, limits, device=device, progress=progress)
+    speed = outcome.measured.get("speed", {})
+    if as_json:
+        payload = {
+            "passed": outcome.passed,
+            "checks": [check.__dict__ for check in outcome.checks],
+            "speed": speed,
+            "peak_rss_mb": outcome.peak_rss_mb,
+            "runtime": outcome.measured.get("runtime"),
+        }
+        typer.echo(json.dumps(payload, indent=2, default=str))
+    else:
+        table = Table(title=f"srcr verify: {outcome.manifest['name']}", title_justify="left")
+        for header in ("figure", "manifest", "measured", "drift", "tolerance", ""):
+            table.add_column(header, justify="right" if header not in ("figure", "") else "left")
+        for check in outcome.checks:
+            status = "[green]ok[/]" if check.ok else "[bold red]DRIFT[/]"
+            table.add_row(
+                check.name,
+                _fmt(check.expected, ".4f"),
+                _fmt(check.measured, ".4f"),
+                _fmt(check.drift, "+.4f"),
+                _fmt(check.tolerance, ".4f"),
+                status,
+            )
+        out = Console()
+        out.print(table)
+        out.print(
+            f"device: prompt {speed.get('prompt_tokens_per_s', 0):.1f} tok/s, "
+            f"generation {speed.get('generation_tokens_per_s', 0):.1f} tok/s, "
+            f"peak memory {outcome.peak_rss_mb:.0f} MB, runtime {outcome.measured.get('runtime')}"
+        )
+        verdict = "[bold green]PASS[/]" if outcome.passed else "[bold red]FAIL[/]: figures drifted beyond tolerance"
+        out.print(verdict)
+    raise typer.Exit(0 if outcome.passed else 1)
+
+
+@app.command()
+def compare(
+    manifests: Annotated[list[Path], typer.Argument(help="Manifests to compare (the base model row comes first).")],
+    sort: Annotated[str | None, typer.Option(help="Sort by a column key, best first (e.g. srcr, sr, kld, mb).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print rows as CSV.")] = False,
+) -> None:
+    """Compare exported artifacts side by side: size, compression, fidelity, Sr and SrCr."""
+    from exporter.compare import render_table, rows_for, to_csv
+    from exporter.manifest import read_manifest
+
+    console = stderr_console()
+    with user_errors(console):
+        rows = rows_for([read_manifest(path) for path in manifests], sort)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif as_csv:
+        typer.echo(to_csv(rows), nl=False)
+    else:
+        Console().print(render_table(rows))
+
+
+def _split(text: str, cast: type, option: str) -> list[Any]:
+    from exporter.errors import SrcrError
+
+    try:
+        return [cast(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SrcrError(f"--{option} {text!r} is not a comma-separated list; e.g. --{option} 0,0.25,0.5") from None
+
+
+def sweep_tables(summary: Any) -> list[Table]:
+    table = Table(title="srcr sweep (sorted by SrCr; ◆ Pareto front by TCr, ◇ by bytes)", title_justify="left")
+    for header in ("configuration", "sparsity", "quant", "MB", "TCr", "actual", "KLD", "Sr", "SrCr", "front"):
+        table.add_column(header, justify="left" if header in ("configuration", "quant") else "right")
+    for record in sorted(summary.records, key=lambda r: -(r["srcr"] or 0)):
+        marks = ("◆" if record["name"] in summary.front_tcr else "") + (
+            "◇" if record["name"] in summary.front_bytes else ""
+        )
+        style = "bold green" if record["name"] == summary.recommended["name"] else None
+        table.add_row(
+            record["name"],
+            record["pattern"] or f"{record['sparsity']:.0%}",
+            record["quant"],
+            f"{record['bytes'] / 1e6:.1f}",
+            f"{record['tcr']:.4f}",
+            f"{record['actual']:.3f}",
+            _fmt(record["kld"], ".4f"),
+            f"{record['sr']:.4f}",
+            f"{record['srcr']:.4f}",
+            marks,
+            style=style,
+        )
+    equal = Table(title="joint vs quantization-only at equal TCr", title_justify="left")
+    for header in ("TCr", "quantization only", "Sr", "pruning + quantization", "Sr", "joint vs quant-only"):
+        equal.add_column(header)
+    for row in summary.equal_tcr:
+        equal.add_row(
+            f"{row['tcr']:.4f}",
+            row["quant_only"],
+            f"{row['quant_only_sr']:.4f}",
+            row["joint"],
+            f"{row['joint_sr']:.4f}",
+            _fmt(row["relative_difference"], "+.2%"),
+        )
+    return [table, equal]
+
+
+@app.command()
+def sweep(
+    sparsity: Annotated[str, typer.Option(help="Unstructured sparsities to try, comma-separated.")] = "0,0.25,0.5",
+    pattern: Annotated[str, typer.Option(help="N:M patterns to try, comma-separated (e.g. 2:8,2:4).")] = "",
+    bits: Annotated[str, typer.Option(help="Bit-widths to try, comma-separated.")] = "2,3,4,8",
+    fmt: Annotated[str, typer.Option("--format", help="Deployment format: gguf or onnx.")] = "gguf",
+    method: Annotated[str, typer.Option(help="Pruning method: sparsegpt, wanda or magnitude.")] = "sparsegpt",
+    model: Annotated[str | None, typer.Option(help="Local Hugging Face folder or hub id (default: SmolLM2).")] = None,
+    out: Annotated[Path, typer.Option(help="Sweep folder; rerunning with the same folder resumes.")] = Path("sweep"),
+    budget_mb: Annotated[
+        float | None, typer.Option(help="Recommend the highest Sr whose file fits this many MB.")
+    ] = None,
+    min_retention: Annotated[
+        float | None, typer.Option(help="Recommend the most compression with Sr at least this.")
+    ] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration text (default: gensim's Lee corpus).")] = None,
+    calib_samples: Annotated[int | None, typer.Option(help="Calibration samples (default 128, capped).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sample (default 2048).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for choosing calibration windows.")] = 0,
+    device: Annotated[str, typer.Option(help="Where pruning runs: auto, cpu or cuda.")] = "auto",
+    eval_text: Annotated[Path | None, typer.Option(help="Held-out evaluation text (default: lee.cor).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) for semantic similarity.")] = None,
+    tasks: Annotated[Path | None, typer.Option(help="Multiple-choice tasks (JSONL).")] = None,
+    eval_windows: Annotated[int | None, typer.Option(help="Number of evaluation windows.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (trusted sources only).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records and recommendation as JSON.")] = False,
+) -> None:
+    """Try every pruning × quantization combination; rank by SrCr, mark the Pareto front, write report.html."""
+    from exporter.pipeline import EvalOptions
+    from exporter.sweep import SweepOptions, run_sweep, summarize, write_report
+
+    console = stderr_console()
+    with user_errors(console):
+        options = SweepOptions(
+            model=model,
+            format=fmt,
+            sparsities=_split(sparsity, float, "sparsity"),
+            patterns=_split(pattern, str, "pattern"),
+            bits=_split(bits, int, "bits"),
+            method=method,
+            calib=calib,
+            calib_samples=calib_samples,
+            seq_len=seq_len,
+            seed=seed,
+            device=device,
+            out=out,
+            allow_pickle=allow_pickle,
+            evaluation=EvalOptions(eval_text=eval_text, prompts=prompts, tasks=tasks, windows=eval_windows),
+        )
+        with stage_progress(console) as progress:
+            manifests = run_sweep(options, progress)
+        summary = summarize(manifests, budget_mb, min_retention)
+        report = write_report(summary, out, f"srcr sweep: {manifests[0]['source_model']['id']} ({fmt})")
+    if as_json:
+        payload = {
+            "records": summary.records,
+            "pareto_tcr": sorted(summary.front_tcr),
+            "pareto_bytes": sorted(summary.front_bytes),
+            "equal_tcr": summary.equal_tcr,
+            "recommended": summary.recommended["name"],
+            "recommendation": summary.sentence,
+            "report": str(report),
+        }
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    stdout = Console()
+    for table in sweep_tables(summary):
+        stdout.print(table)
+    stdout.print(summary.sentence)
+    stdout.print(f"report: {report}")

@@ -1,0 +1,97 @@
+"""Choosing among compressed configurations: Pareto fronts, constrained picks, equal-TCr comparisons.
+
+Pure functions over plain records ({"name", "sr", "tcr", "bytes", "sparsity", ...}) so they are
+tested on constructed points and reused by the table and the HTML report.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from exporter.errors import SrcrError
+
+Record = dict[str, Any]
+
+
+def pareto_front(records: list[Record], compression_key: str, higher_is_better: bool = True) -> set[str]:
+    """Names of the records that no other record dominates in (Sr, compression).
+
+    B dominates A when B is at least as good on both axes and strictly better on one. Compression
+    is "higher is better" for TCr and "lower is better" for bytes on disk.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    points = [(r["name"], r["sr"], sign * r[compression_key]) for r in records if r.get("sr") is not None]
+    front = set()
+    for name, sr, comp in points:
+        dominated = any(
+            other_sr >= sr and other_comp >= comp and (other_sr > sr or other_comp > comp)
+            for other_name, other_sr, other_comp in points
+            if other_name != name
+        )
+        if not dominated:
+            front.add(name)
+    return front
+
+
+def recommend(records: list[Record], budget_mb: float | None = None, min_retention: float | None = None) -> Record:
+    """The configuration for the user's constraint; max SrCr when there is none."""
+    scored = [r for r in records if r.get("sr") is not None]
+    if not scored:
+        raise SrcrError("no evaluated configuration to choose from; run the sweep with evaluation enabled")
+    if budget_mb is not None and min_retention is not None:
+        raise SrcrError("pass either --budget-mb or --min-retention, not both")
+    if budget_mb is not None:
+        fitting = [r for r in scored if r["bytes"] <= budget_mb * 1e6]
+        if not fitting:
+            smallest = min(r["bytes"] for r in scored) / 1e6
+            raise SrcrError(f"no configuration fits {budget_mb} MB (smallest is {smallest:.1f} MB); raise --budget-mb")
+        return max(fitting, key=lambda r: (r["sr"], -r["bytes"]))
+    if min_retention is not None:
+        keeping = [r for r in scored if r["sr"] >= min_retention]
+        if not keeping:
+            best = max(r["sr"] for r in scored)
+            raise SrcrError(f"no configuration keeps Sr ≥ {min_retention} (best is {best:.4f}); lower --min-retention")
+        return max(keeping, key=lambda r: (r["tcr"], -r["bytes"], r["sr"]))
+    return max(scored, key=lambda r: (r["srcr"], r["sr"]))
+
+
+def equal_tcr_comparison(records: list[Record], digits: int = 6) -> list[Record]:
+    """For each TCr reached both by quantization alone and by pruning + quantization, the best Sr of each."""
+    levels: dict[float, dict[str, list[Record]]] = defaultdict(lambda: {"quant_only": [], "joint": []})
+    for record in records:
+        if record.get("sr") is None:
+            continue
+        kind = "joint" if record["sparsity"] > 0 else "quant_only"
+        levels[round(record["tcr"], digits)][kind].append(record)
+    rows = []
+    for level in sorted(levels):
+        groups = levels[level]
+        if not groups["quant_only"] or not groups["joint"]:
+            continue
+        quant = max(groups["quant_only"], key=lambda r: r["sr"])
+        joint = max(groups["joint"], key=lambda r: r["sr"])
+        rows.append(
+            {
+                "tcr": level,
+                "quant_only": quant["name"],
+                "quant_only_sr": quant["sr"],
+                "joint": joint["name"],
+                "joint_sr": joint["sr"],
+                "relative_difference": (joint["sr"] - quant["sr"]) / quant["sr"] if quant["sr"] else None,
+            }
+        )
+    return rows
+
+
+def recommendation_sentence(record: Record, budget_mb: float | None, min_retention: float | None) -> str:
+    if budget_mb is not None:
+        goal = f"the highest Sr within {budget_mb:g} MB"
+    elif min_retention is not None:
+        goal = f"the most compression with Sr ≥ {min_retention:g}"
+    else:
+        goal = "the highest SrCr"
+    return (
+        f"Recommended for {goal}: {record['name']} (Sr {record['sr']:.4f}, TCr {record['tcr']:.4f}, "
+        f"SrCr {record['srcr']:.4f}, {record['bytes'] / 1e6:.1f} MB)."
+    )

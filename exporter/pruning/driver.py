@@ -1,0 +1,264 @@
+"""Layer-by-layer calibration: the plumbing shared by every pruning method.
+
+The calibration tokens go through the embedding once; the inputs of decoder layer 0 (hidden
+states plus whatever keyword arguments the model passes its layers) are caught by a pre-hook.
+Then each decoder layer in turn is moved to the device, run over the calibration samples with
+every nn.Linear hooked to accumulate input statistics, pruned, run again (now pruned) to make
+the next layer's inputs, and moved back. Only one layer and its activations live on the device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporter.errors import SrcrError
+from exporter.pruning.magnitude import Magnitude
+from exporter.pruning.masks import zero_fraction
+from exporter.pruning.sparsegpt import SparseGPT
+from exporter.pruning.spec import PruneReport, PruneSpec, validate_spec
+from exporter.pruning.stats import InputStatistics
+from exporter.pruning.wanda import Wanda
+from targets.base import ProgressFn, no_progress
+
+PRUNERS: dict[str, type[InputStatistics]] = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+
+
+class _LayerInputsCaught(Exception):
+    """Stops the model's forward once decoder layer 0 has been reached."""
+
+
+def prune_model(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    spec: PruneSpec,
+    device: str = "cpu",
+    progress: ProgressFn = no_progress,
+) -> PruneReport:
+    """Calibrate and prune every linear of every decoder layer of `model` in place.
+
+    With nothing to prune (sparsity 0, no pattern) the weights are left untouched and only the
+    importance matrix is collected. Embeddings, norms and the LM head stay dense.
+    """
+    validate_spec(spec)
+    _check_calibration(calib_ids)
+    layers = decoder_layers(model)
+    _check_pattern_fits(layers, spec)
+    pruning = spec.target_sparsity > 0
+    pruner_class = PRUNERS[spec.method] if pruning else InputStatistics
+    layer_names = _module_names(model, layers)
+    target = torch.device(device)
+
+    start = time.perf_counter()
+    per_layer: list[dict] = []
+    imatrix: dict[str, np.ndarray] = {}
+    with torch.no_grad(), _inference_setup(model):
+        inputs, layer_kwargs = capture_layer_inputs(model, layers[0], calib_ids, target)
+        for index, layer in enumerate(layers):
+            home = _device_of(layer)
+            layer.to(target)
+            groups = calibrate_layer(layer, inputs, layer_kwargs, pruner_class)
+            for group in groups:
+                if pruning:
+                    group.prune(spec)
+                mean_square = group.mean_square.cpu().numpy()
+                for name, linear in group.linears.items():
+                    full_name = f"{layer_names[index]}.{name}"
+                    imatrix[f"{full_name}.weight"] = mean_square.copy()
+                    per_layer.append(_sparsity_row(index, full_name, linear))
+            del groups
+            inputs = run_layer(layer, inputs, layer_kwargs)
+            layer.to(home)
+            progress(f"calibrate+prune layer {index + 1}/{len(layers)}", index + 1, len(layers))
+        del inputs
+
+    total = sum(row["numel"] for row in per_layer)
+    zeros = sum(row["sparsity"] * row["numel"] for row in per_layer)
+    return PruneReport(
+        per_layer=per_layer,
+        overall_sparsity=zeros / total if total else 0.0,
+        imatrix=imatrix,
+        imatrix_tokens=int(calib_ids.numel()),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder stack of a Llama-style causal LM (`model.model.layers`)."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise SrcrError(
+            f"cannot prune {type(model).__name__}: pruning needs a decoder stack at model.model.layers "
+            "(Llama, Mistral, Qwen2, SmolLM2 and similar); pass such a model or use --sparsity 0"
+        )
+    return layers
+
+
+def capture_layer_inputs(
+    model: nn.Module, first_layer: nn.Module, calib_ids: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Hidden states entering decoder layer 0 for every sample [n, seq, hidden] on `device`, and the
+    keyword arguments the model passes its layers (rotary cos/sin, mask, positions; one sample's).
+
+    All samples have the same length and no padding, so those arguments are the same for every
+    sample and are kept once.
+    """
+    caught: dict[str, Any] = {}
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught["hidden"] = hidden.detach()
+        caught["kwargs"] = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        raise _LayerInputsCaught
+
+    model_device = next(model.parameters()).device
+    handle = first_layer.register_forward_pre_hook(catch, with_kwargs=True)
+    inputs = None
+    layer_kwargs: dict[str, Any] = {}
+    try:
+        for sample in range(calib_ids.shape[0]):
+            with suppress(_LayerInputsCaught):
+                model(calib_ids[sample : sample + 1].to(model_device), use_cache=False)
+            if "hidden" not in caught:
+                raise SrcrError(f"{type(model).__name__} never called its first decoder layer; cannot calibrate")
+            hidden = caught.pop("hidden")
+            if inputs is None:
+                inputs = torch.empty((calib_ids.shape[0], *hidden.shape[1:]), dtype=hidden.dtype, device=device)
+                layer_kwargs = _to_device(caught["kwargs"], device)
+            inputs[sample] = hidden[0].to(device)
+    finally:
+        handle.remove()
+    return inputs, layer_kwargs
+
+
+def calibrate_layer(
+    layer: nn.Module,
+    inputs: torch.Tensor,
+    layer_kwargs: dict[str, Any],
+    pruner_class: type[InputStatistics],
+) -> list[InputStatistics]:
+    """Run the samples through `layer`, feeding each distinct linear input to one pruner.
+
+    Linears that receive the very same tensor in a forward (same storage, shape and strides)
+    form one group; groups are found in the first sample that calls a linear.
+    """
+    linears = {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+    if not linears:
+        raise SrcrError(f"decoder layer {type(layer).__name__} has no nn.Linear to prune")
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name in seen:
+                raise SrcrError(f"linear {name} runs twice in one forward; such layers are not supported")
+            seen[name] = args[0].detach()
+
+        return hook
+
+    groups: list[InputStatistics] = []
+    leader_of: dict[str, InputStatistics] = {}  # the member whose input feeds the group
+    grouped: set[str] = set()
+    handles = [module.register_forward_hook(record(name)) for name, module in linears.items()]
+    try:
+        for sample in range(inputs.shape[0]):
+            layer(inputs[sample : sample + 1], **layer_kwargs)
+            fresh = [name for name in linears if name in seen and name not in grouped]
+            for members in _same_input(fresh, seen):
+                group = pruner_class({name: linears[name] for name in members})
+                groups.append(group)
+                leader_of[members[0]] = group
+                grouped.update(members)
+            for leader, group in leader_of.items():
+                if leader in seen:
+                    group.add_batch(seen[leader])
+            seen.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups
+
+
+def _same_input(names: list[str], seen: dict[str, torch.Tensor]) -> list[list[str]]:
+    # The captured tensors are all alive here, so equal storage pointers mean the same data.
+    by_input: dict[tuple, list[str]] = {}
+    for name in names:
+        tensor = seen[name]
+        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        by_input.setdefault(key, []).append(name)
+    return list(by_input.values())
+
+
+def run_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
+    """The layer's output for every sample: the next layer's inputs."""
+    outputs = torch.empty_like(inputs)
+    for sample in range(inputs.shape[0]):
+        output = layer(inputs[sample : sample + 1], **layer_kwargs)
+        outputs[sample] = (output[0] if isinstance(output, tuple) else output)[0]
+    return outputs
+
+
+def _check_calibration(calib_ids: torch.Tensor) -> None:
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.numel() == 0:
+        raise SrcrError("calibration ids must be a non-empty [n_samples, seq_len] tensor of token ids")
+    if calib_ids.dtype != torch.long:
+        raise SrcrError(f"calibration ids are {calib_ids.dtype}; pass token ids as torch.long")
+
+
+def _check_pattern_fits(layers: nn.ModuleList, spec: PruneSpec) -> None:
+    if spec.pattern is None:
+        return
+    m = spec.pattern[1]
+    for name, module in layers[0].named_modules():
+        if isinstance(module, nn.Linear) and module.in_features % m:
+            raise SrcrError(
+                f"{name} has {module.in_features} inputs, not a multiple of M={m}; pick an M that divides it"
+            )
+
+
+def _sparsity_row(layer: int, name: str, linear: nn.Linear) -> dict:
+    return {"layer": layer, "name": name, "sparsity": zero_fraction(linear.weight), "numel": linear.weight.numel()}
+
+
+def _module_names(model: nn.Module, layers: nn.ModuleList) -> list[str]:
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(layer)] for layer in layers]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(item, device) for item in value)
+    if isinstance(value, list):
+        return [_to_device(item, device) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
+
+
+@contextmanager
+def _inference_setup(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no KV cache for the duration, restored afterwards."""
+    training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        model.train(training)
+        if use_cache is not None:
+            config.use_cache = use_cache

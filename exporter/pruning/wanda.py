@@ -1,0 +1,21 @@
+"""Wanda (Sun et al. 2023): score |w_ij| * ||x_j||_2, prune the lowest per output row."""
+
+from __future__ import annotations
+
+from exporter.pruning.masks import lowest_per_row_mask, n_m_mask
+from exporter.pruning.spec import PruneSpec
+from exporter.pruning.stats import InputStatistics
+
+
+class Wanda(InputStatistics):
+    def prune(self, spec: PruneSpec) -> None:
+        # sqrt(mean x_j^2) is ||x_j|| up to a constant factor, which no per-row ranking can see.
+        input_norm = self.mean_square.sqrt()
+        for linear in self.linears.values():
+            weight = linear.weight.data
+            scores = weight.abs().float() * input_norm
+            if spec.pattern is not None:
+                mask = n_m_mask(scores, *spec.pattern)
+            else:
+                mask = lowest_per_row_mask(scores, spec.sparsity)
+            weight.masked_fill_(mask, 0)

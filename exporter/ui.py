@@ -1,0 +1,74 @@
+"""Terminal output: progress for long stages, and the error convention shared by every command."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from exporter.errors import SrcrError
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def stage_progress(console: Console, enabled: bool = True) -> Iterator[Any]:
+    """A ProgressFn drawing one bar per stage, keyed by the description's first word."""
+    if not enabled:
+        yield lambda description, completed, total: None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(description: str, completed: int, total: int) -> None:
+            stage = description.split(" ", 1)[0].rstrip(":")
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(description, total=max(total, 1))
+            progress.update(tasks[stage], description=description, completed=completed, total=max(total, 1))
+
+        yield report
+
+
+@contextlib.contextmanager
+def user_errors(console: Console) -> Iterator[None]:
+    """SrcrError → one red line and exit 2; Ctrl-C → exit 130. Nothing partial is left by the callers."""
+    try:
+        quiet_libraries()
+        yield
+    except SrcrError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: no partial output was kept")
+        sys.exit(130)
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' and the hub's own bars and warnings out of srcr's display."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,196 @@
+"""Hugging Face causal LM (in memory) -> F32/F16 GGUF file that llama.cpp loads.
+
+Hyperparameters and tensor names follow gguf-py's tables (`gguf.get_tensor_name_map`); the only
+weight transform is the rotary permutation of q/k for the `llama` architecture, whose graph uses
+llama.cpp's interleaved (GPT-J style) rope on the rows that Hugging Face keeps in rotate-half order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import gguf
+import numpy as np
+import torch
+
+from exporter.errors import SrcrError
+from targets.gguf.vocab import tokenizer_metadata
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    gguf_arch: gguf.MODEL_ARCH
+    permute_qk: bool  # llama arch: interleaved rope in llama.cpp, rotate-half in transformers
+
+
+# Hugging Face `config.model_type` -> how llama.cpp runs it. SmolLM/SmolLM2 are `llama`.
+_ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": ArchitectureSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "mistral": ArchitectureSpec(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "qwen2": ArchitectureSpec(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
+
+_FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}
+
+
+def architecture_spec(config: Any) -> ArchitectureSpec:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _ARCHITECTURES:
+        raise SrcrError(
+            f"the GGUF target cannot convert model_type {model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (or export with --format onnx)"
+        )
+    return _ARCHITECTURES[model_type]
+
+
+def convert_to_gguf(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    ftype: Literal["F32", "F16"],
+    hints: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Write `model` + `tokenizer` to `out` as a GGUF; return {hf weight name: GGUF tensor name}."""
+    if ftype not in _FILE_TYPES:
+        raise ValueError(f"ftype must be F32 or F16, got {ftype!r}")
+    config = model.config
+    arch = architecture_spec(config)
+    vocab = tokenizer_metadata(tokenizer, config.vocab_size, hints)
+
+    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+    try:
+        _add_hyperparameters(writer, config, _FILE_TYPES[ftype], model.name_or_path or "srcr-export")
+        vocab.add_to_gguf(writer)
+        rope_freqs = _add_rope(writer, config)
+        if rope_freqs is not None:
+            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
+        names = _add_weights(writer, model, arch, ftype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return names
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any, file_type: int, name: str) -> None:
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(Path(str(name)).name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = _head_dim(config)
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """RoPE settings from `config.rope_parameters` (transformers 5) or the older top-level fields."""
+    params = getattr(config, "rope_parameters", None)
+    merged = dict(params) if isinstance(params, dict) else {}
+    if not merged:
+        merged.update(getattr(config, "rope_scaling", None) or {})
+        merged.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if "rope_theta" not in merged:
+        raise SrcrError("this model uses per-layer rope settings, which the GGUF target does not convert")
+    merged.setdefault("rope_type", merged.get("type") or "default")
+    return merged
+
+
+def _add_rope(writer: gguf.GGUFWriter, config: Any) -> np.ndarray | None:
+    """Write the rope keys; return the per-frequency factor tensor llama3 scaling needs, if any."""
+    rope = rope_parameters(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    kind = rope["rope_type"]
+    if kind == "default":
+        return None
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        return None
+    if kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        return None
+    if kind == "llama3":
+        return llama3_rope_factors(rope, _head_dim(config))
+    raise SrcrError(f"rope type {kind!r} is not supported by the GGUF target (default, linear, yarn, llama3 are)")
+
+
+def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
+    """Llama-3.1 frequency-dependent scaling as factors that llama.cpp divides each frequency by."""
+    factor = float(rope["factor"])
+    low_factor = float(rope["low_freq_factor"])
+    high_factor = float(rope["high_freq_factor"])
+    original_ctx = float(rope["original_max_position_embeddings"])
+    freqs = 1.0 / (float(rope["rope_theta"]) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (original_ctx / wavelen - low_factor) / (high_factor - low_factor)
+    factors = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = np.where(wavelen < original_ctx / high_factor, 1.0, factors)
+    factors = np.where(wavelen > original_ctx / low_factor, factor, factors)
+    return factors.astype(np.float32)
+
+
+def interleave_rope_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder each head's rows from rotate-half pairs (i, i + d/2) to adjacent pairs (2i, 2i + 1)."""
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _add_weights(writer: gguf.GGUFWriter, model: Any, arch: ArchitectureSpec, ftype: str) -> dict[str, str]:
+    config = model.config
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
+    n_head = config.num_attention_heads
+    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
+    tied = _embeddings_tied(model)
+    names: dict[str, str] = {}
+    for hf_name, tensor in model.state_dict().items():
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise SrcrError(
+                f"no GGUF tensor name for {hf_name!r}; the GGUF target converts only the standard "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} layouts"
+            )
+        if tied and gguf_name == "output.weight":
+            # llama.cpp reuses token_embd when output.weight is absent; its imatrix entry (the
+            # inputs of the output projection) then belongs to token_embd.
+            names[hf_name] = "token_embd.weight"
+            continue
+        data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+        if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+            data = interleave_rope_rows(data, n_head)
+        elif arch.permute_qk and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+            data = interleave_rope_rows(data, n_head_kv)
+        # llama.cpp keeps norms and biases in F32 whatever the file type.
+        if ftype == "F16" and data.ndim >= 2:
+            data = data.astype(np.float16)
+        writer.add_tensor(gguf_name, np.ascontiguousarray(data))
+        names[hf_name] = gguf_name
+    return names
+
+
+def _embeddings_tied(model: Any) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight

@@ -1,0 +1,55 @@
+"""Shared fixtures: a real tokenizer (SmolLM2's, from the embedded package) on tiny random models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint() -> Path:
+    from exporter.models import ensure_default_checkpoint
+
+    return ensure_default_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(default_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_checkpoint)
+
+
+def make_tiny_llama(tokenizer, seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm_tokenizer) -> Path:
+    """A saved tiny random Llama with SmolLM2's tokenizer: a complete local model folder for the CLI."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(smollm_tokenizer).save_pretrained(folder, safe_serialization=True)
+    smollm_tokenizer.save_pretrained(folder)
+    return folder

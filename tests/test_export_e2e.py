@@ -1,0 +1,146 @@
+"""End to end through the CLI: export → manifest → verify → tamper → compare, on real runtimes.
+
+The fast test uses a tiny random Llama with SmolLM2's real tokenizer; the slow one the embedded
+SmolLM2-135M-Instruct itself, as a user would run it (with fewer calibration samples to fit CI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from exporter.cli import app
+
+runner = CliRunner()
+
+
+def export(*args):
+    result = runner.invoke(app, ["export", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("export")
+    manifest = export(
+        "--model",
+        str(tiny_llama_dir),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--bits",
+        "8",
+        "--calib-samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--eval-windows",
+        "2",
+        "--out",
+        str(out),
+        "--name",
+        "tiny",
+    )
+    return out, manifest
+
+
+def test_export_writes_artifact_pack_and_manifest(tiny_export):
+    out, manifest = tiny_export
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.gguf", "tiny.manifest.json", "tiny.reference.npz"]
+    assert json.loads((out / "tiny.manifest.json").read_text()) == manifest
+    assert manifest["artifact"]["sha256"] == sha256(out / "tiny.gguf")
+    assert manifest["artifact"]["bytes"] == (out / "tiny.gguf").stat().st_size
+    assert manifest["pruning"]["method"] == "wanda"
+    assert manifest["pruning"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert manifest["compression"]["tcr"] == pytest.approx(1 - 8 / 16 * 0.5)
+    assert manifest["srcr"] == pytest.approx(manifest["sr"] * manifest["compression"]["tcr"])
+    assert manifest["srcr_definition"] == "Sr*TCr/v1"
+    assert 0.0 <= manifest["sr"] <= 1.0
+    for stage in ("load", "reference", "calibrate_prune", "export", "evaluate"):
+        assert manifest["timings_s"][stage] >= 0
+
+
+def test_existing_outputs_are_not_overwritten(tiny_export, tiny_llama_dir):
+    out, manifest = tiny_export
+    before = sha256(out / "tiny.gguf")
+    result = runner.invoke(
+        app,
+        ["export", "--model", str(tiny_llama_dir), "--bits", "4", "--out", str(out), "--name", "tiny", "--no-eval"],
+    )
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert sha256(out / "tiny.gguf") == before
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.gguf", "tiny.manifest.json", "tiny.reference.npz"]
+
+
+def test_verify_passes_then_fails_on_one_changed_byte(tiny_export, tmp_path):
+    out, manifest = tiny_export
+    result = runner.invoke(app, ["verify", str(out / "tiny.manifest.json")])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for file in out.iterdir():
+        (tampered / file.name).write_bytes(file.read_bytes())
+    data = bytearray((tampered / "tiny.gguf").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tampered / "tiny.gguf").write_bytes(bytes(data))
+    result = runner.invoke(app, ["verify", str(tampered / "tiny.manifest.json")])
+    assert result.exit_code != 0
+    assert "sha256" in result.output and "Traceback" not in result.output
+
+
+def test_compare_lists_base_first_and_exports_csv(tiny_export):
+    out, manifest = tiny_export
+    result = runner.invoke(app, ["compare", str(out / "tiny.manifest.json"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert rows[0]["name"].startswith("base:") and rows[0]["sr"] == 1.0
+    assert rows[1]["name"] == "tiny" and rows[1]["srcr"] == pytest.approx(manifest["srcr"])
+    csv_result = runner.invoke(app, ["compare", str(out / "tiny.manifest.json"), "--csv"])
+    assert csv_result.stdout.splitlines()[0].startswith("name,format,method")
+
+
+@pytest.mark.slow
+def test_default_model_export_runs_in_llama_cpp(tmp_path):
+    """The README's main job on the embedded SmolLM2 (calibration trimmed to fit CI)."""
+    import llama_cpp
+
+    manifest = export(
+        "--sparsity",
+        "0.25",
+        "--bits",
+        "4",
+        "--format",
+        "gguf",
+        "--calib-samples",
+        "8",
+        "--seq-len",
+        "512",
+        "--out",
+        str(tmp_path),
+    )
+    artifact = tmp_path / manifest["artifact"]["file"]
+    assert manifest["source_model"]["id"] == "SmolLM2-135M-Instruct"
+    assert manifest["quantization"]["type"] == "Q4_K_M"
+    assert manifest["pruning"]["achieved_sparsity"] == pytest.approx(0.25, abs=1e-4)
+    assert manifest["compression"]["tcr"] == pytest.approx(0.8125)
+    # A lightly compressed real model keeps most of its meaning.
+    assert manifest["sr"] > 0.6
+    assert manifest["evaluation"]["top1_agreement"] > 0.5
+
+    llm = llama_cpp.Llama(model_path=str(artifact), n_ctx=256, verbose=False)
+    text = llm("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    assert text.strip()
+
+    result = runner.invoke(app, ["verify", str(tmp_path / f"{manifest['name']}.manifest.json")])
+    assert result.exit_code == 0, result.output

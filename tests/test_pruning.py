@@ -1,0 +1,262 @@
+"""prune_model on tiny random Llama/Qwen2 models: exact sparsity, N:M groups, grouping, imatrix, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from exporter.errors import SrcrError
+from exporter.pruning import METHODS, PruneSpec, parse_pattern, prune_model
+from exporter.pruning.driver import calibrate_layer, capture_layer_inputs, decoder_layers
+from exporter.pruning.sparsegpt import SparseGPT
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SETTINGS = [(0.25, None), (0.5, None), (0.0, (2, 4)), (0.0, (2, 8)), (0.0, (4, 8))]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: a second thread only adds synchronisation, which is slow on a busy 2-core box.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+def calibration_ids(samples: int = 4, seq_len: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (samples, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    layers = decoder_layers(model)
+    return {
+        f"{index}.{name}": module.weight.detach().clone()
+        for index, layer in enumerate(layers)
+        for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("sparsity", "pattern"), SETTINGS)
+def test_every_method_hits_its_target_sparsity_exactly(method, sparsity, pattern):
+    model = tiny_llama()
+    dense_embedding = model.model.embed_tokens.weight.clone()
+    spec = PruneSpec(method=method, sparsity=sparsity, pattern=pattern)
+    report = prune_model(model, calibration_ids(), spec)
+
+    assert len(report.per_layer) == 2 * len(LINEARS)
+    assert {row["layer"] for row in report.per_layer} == {0, 1}
+    assert report.per_layer[0]["name"].startswith("model.layers.0.")
+    for row in report.per_layer:
+        assert row["sparsity"] == spec.target_sparsity, row
+    assert report.overall_sparsity == spec.target_sparsity
+    # Embeddings, norms and the LM head stay dense.
+    assert torch.equal(model.model.embed_tokens.weight, dense_embedding)
+    assert (model.model.norm.weight != 0).all()
+    assert (model.lm_head.weight != 0).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pattern", [(2, 4), (2, 8), (4, 8)])
+def test_n_m_zeroes_exactly_n_of_every_m_consecutive_inputs(method, pattern):
+    n, m = pattern
+    model = tiny_llama()
+    prune_model(model, calibration_ids(), PruneSpec(method=method, sparsity=0.0, pattern=pattern))
+    for name, weight in linear_weights(model).items():
+        zeros_per_group = (weight.reshape(weight.shape[0], -1, m) == 0).sum(dim=2)
+        assert (zeros_per_group == n).all(), name
+
+
+def test_sparsegpt_and_wanda_unstructured_selection_units():
+    # Wanda selects per output row; SparseGPT per (matrix x 128-column block) tile: each exact.
+    model = tiny_llama()
+    prune_model(model, calibration_ids(), PruneSpec(method="wanda", sparsity=0.25))
+    for name, weight in linear_weights(model).items():
+        assert ((weight == 0).sum(dim=1) == weight.shape[1] // 4).all(), name
+    model = tiny_llama()
+    prune_model(model, calibration_ids(), PruneSpec(method="sparsegpt", sparsity=0.5, block_size=32))
+    for name, weight in linear_weights(model).items():
+        tiles = (weight == 0).reshape(weight.shape[0], -1, 32).sum(dim=(0, 2))
+        assert (tiles == weight.shape[0] * 16).all(), name
+
+
+def test_q_k_v_and_gate_up_share_one_accumulator():
+    model = tiny_llama()
+    ids = calibration_ids()
+    with torch.no_grad():
+        inputs, kwargs = capture_layer_inputs(model, model.model.layers[0], ids, torch.device("cpu"))
+        groups = calibrate_layer(model.model.layers[0], inputs, kwargs, SparseGPT)
+    members = sorted(sorted(group.linears) for group in groups)
+    assert members == [
+        ["mlp.down_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+    ]
+    for group in groups:
+        # Fed once per sample, not once per member.
+        assert group.tokens == ids.numel()
+        assert group.hessian.shape == (group.columns, group.columns)
+
+
+def dense_layer0_mean_squares(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean of x**2 per input column of each layer-0 linear, by plain hooks on the dense model."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            x = args[0].detach().double().reshape(-1, module.in_features)
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return record
+
+    handles = [
+        module.register_forward_hook(hook(f"model.layers.0.{name}.weight"))
+        for name, module in model.model.layers[0].named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+@pytest.mark.parametrize(
+    "spec", [PruneSpec("sparsegpt", 0.0), PruneSpec("sparsegpt", 0.5), PruneSpec("magnitude", 0.0, (2, 4))]
+)
+def test_imatrix_is_the_mean_squared_input_of_the_dense_layer0(spec):
+    model = tiny_llama()
+    ids = calibration_ids()
+    expected = dense_layer0_mean_squares(model, ids)
+    report = prune_model(model, ids, spec)
+
+    assert report.imatrix_tokens == ids.numel()
+    assert len(report.imatrix) == 2 * len(LINEARS)
+    for name, mean_square in expected.items():
+        got = report.imatrix[name]
+        assert got.dtype == "float32" and got.shape == (mean_square.shape[0],)
+        torch.testing.assert_close(torch.from_numpy(got).double(), mean_square, rtol=1e-5, atol=1e-7)
+
+
+def test_sparsity_zero_changes_no_weight_but_collects_the_imatrix():
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+    report = prune_model(model, calibration_ids(), PruneSpec("wanda", 0.0), progress=lambda *args: calls.append(args))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert report.overall_sparsity == 0.0
+    assert len(report.imatrix) == 2 * len(LINEARS)
+    assert calls == [("calibrate+prune layer 1/2", 1, 2), ("calibrate+prune layer 2/2", 2, 2)]
+
+
+def test_pruned_model_still_runs_and_stays_close_to_dense():
+    model = tiny_llama()
+    ids = calibration_ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+    prune_model(model, ids, PruneSpec("sparsegpt", 0.25))
+    with torch.no_grad():
+        pruned = model(ids).logits
+    assert torch.isfinite(pruned).all()
+    assert (pruned - dense).norm() < 0.5 * dense.norm()
+    assert model.config.use_cache is True and not model.training
+
+
+def test_qwen2_with_biases_is_pruned():
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    report = prune_model(model, calibration_ids(), PruneSpec("sparsegpt", 0.0, (2, 4)))
+    assert report.overall_sparsity == 0.5
+    assert len(report.per_layer) == 2 * len(LINEARS)
+
+
+def test_bfloat16_model_is_pruned_in_its_dtype():
+    model = tiny_llama().to(torch.bfloat16)
+    report = prune_model(model, calibration_ids(), PruneSpec("sparsegpt", 0.5))
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert report.overall_sparsity == 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_matches_cpu():
+    ids = calibration_ids()
+    on_cpu, on_gpu = tiny_llama(), tiny_llama()
+    prune_model(on_cpu, ids, PruneSpec("sparsegpt", 0.0, (2, 4)))
+    report = prune_model(on_gpu, ids, PruneSpec("sparsegpt", 0.0, (2, 4)), device="cuda")
+    assert report.overall_sparsity == 0.5
+    assert next(on_gpu.parameters()).device.type == "cpu"
+    for name, weight in linear_weights(on_cpu).items():
+        other = linear_weights(on_gpu)[name]
+        assert ((weight == 0) == (other == 0)).float().mean() > 0.99, name
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, float("nan")])
+def test_sparsity_outside_unit_interval_is_refused(sparsity):
+    model = tiny_llama()
+    before = linear_weights(model)
+    with pytest.raises(SrcrError, match=r"\[0, 1\)"):
+        prune_model(model, calibration_ids(), PruneSpec("sparsegpt", sparsity))
+    for name, weight in linear_weights(model).items():
+        assert torch.equal(weight, before[name])
+
+
+def test_unknown_method_lists_the_methods():
+    with pytest.raises(SrcrError, match="magnitude, wanda, sparsegpt"):
+        prune_model(tiny_llama(), calibration_ids(), PruneSpec("obs", 0.5))
+
+
+@pytest.mark.parametrize("text", ["4:4", "5:4", "0:4", "a:b", "2-4", "", "2:4:8"])
+def test_bad_patterns_are_refused(text):
+    with pytest.raises(SrcrError):
+        parse_pattern(text)
+
+
+def test_patterns_parse():
+    assert parse_pattern("2:4") == (2, 4)
+    assert parse_pattern(" 2 : 8 ") == (2, 8)
+    assert PruneSpec("wanda", 0.0, (2, 8)).target_sparsity == 0.25
+
+
+def test_pattern_that_does_not_divide_the_inputs_is_refused_before_pruning():
+    model = tiny_llama()
+    before = linear_weights(model)
+    with pytest.raises(SrcrError, match="M=48"):
+        prune_model(model, calibration_ids(), PruneSpec("wanda", 0.0, (2, 48), block_size=96))
+    for name, weight in linear_weights(model).items():
+        assert torch.equal(weight, before[name])
+
+
+def test_models_without_a_decoder_stack_are_refused():
+    with pytest.raises(SrcrError, match="model.model.layers"):
+        prune_model(nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8)), calibration_ids(), PruneSpec("wanda", 0.5))
+
+
+@pytest.mark.parametrize("ids", [torch.zeros(4, dtype=torch.long), torch.zeros((2, 8), dtype=torch.float32)])
+def test_bad_calibration_ids_are_refused(ids):
+    with pytest.raises(SrcrError):
+        prune_model(tiny_llama(), ids, PruneSpec("wanda", 0.5))

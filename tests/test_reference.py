@@ -1,0 +1,270 @@
+"""The reference pack and `evaluate` on a tiny Llama (SmolLM2's tokenizer), checked against plain PyTorch.
+
+The tiny model is trained for a few seconds on gensim's Lee background corpus so that its
+next-token distributions are peaked like a real model's; it is evaluated on the held-out lee.cor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evaluators.embedder import load_embedder
+from evaluators.lastword import last_word_items
+from evaluators.multiple_choice import encode_choice
+from evaluators.prompts import load_prompts
+from evaluators.reference import EvalSettings, ReferencePack, build_reference_pack, evaluate
+from exporter.calibration import default_calibration_file, default_eval_file, read_text
+from exporter.errors import SrcrError
+from targets.base import Runtime
+from targets.torch_runtime import TorchRuntime
+
+SETTINGS = EvalSettings(
+    windows=3, window_len=128, top_k=16, max_new_tokens=8, n_last_word=24, last_word_context=64, n_worst=2
+)
+MC_TASKS = [
+    {"context": "The Prime Minister said the", "choices": ["government", "banana"], "answer": 0},
+    {"context": "Police said the man was", "choices": ["arrested", "purple", "violin"], "answer": 0},
+    {"context": "The fire spread across the", "choices": ["state", "spoon"], "answer": 0},
+    {"context": "He told reporters that", "choices": ["the", "xylophone quietly"], "answer": 0},
+]
+# The top-k KL may only fall short of the full-vocabulary KL by this fraction on the tiny model.
+TOP_K_KL_MAX_SHORTFALL = 0.35
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from exporter.models import ensure_default_checkpoint
+
+    return AutoTokenizer.from_pretrained(ensure_default_checkpoint())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    tokens = torch.tensor(tokenizer(read_text(default_calibration_file()))["input_ids"])
+    chunks = tokens[: len(tokens) // 128 * 128].view(-1, 128)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        batch = chunks[torch.randint(len(chunks), (16,))]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return load_embedder()
+
+
+@pytest.fixture(scope="module")
+def eval_text():
+    return read_text(default_eval_file())
+
+
+@pytest.fixture(scope="module")
+def pack(tiny_model, tokenizer, embedder, eval_text):
+    base = TorchRuntime(tiny_model, tokenizer)
+    return build_reference_pack(base, SETTINGS, eval_text, load_prompts()[:4], MC_TASKS, embedder)
+
+
+def _noisy(model, scale: float, seed: int):
+    damaged = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in damaged.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = module.weight
+                weight += scale * weight.std() * torch.randn(weight.shape, generator=generator)
+    return damaged
+
+
+def _magnitude_pruned(model, sparsity: float):
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in pruned.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = module.weight
+                threshold = weight.abs().flatten().kthvalue(int(sparsity * weight.numel())).values
+                weight[weight.abs() <= threshold] = 0.0
+    return pruned
+
+
+def _scored_logprobs(model, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary log-probabilities of the second half of every window, and the tokens that follow."""
+    rows, targets = [], []
+    first = windows.shape[1] // 2
+    with torch.no_grad():
+        for window in torch.from_numpy(windows.astype(np.int64)):
+            logits = model(input_ids=window[None]).logits[0]
+            rows.append(torch.log_softmax(logits[first:-1].double(), -1))
+            targets.append(window[first + 1 :])
+    return torch.cat(rows), torch.cat(targets)
+
+
+def test_torch_runtime_implements_the_runtime_contract(tiny_model, tokenizer):
+    runtime = TorchRuntime(tiny_model, tokenizer)
+    assert isinstance(runtime, Runtime)
+    tokens = runtime.tokenize("The bushfires spread quickly.")
+    assert runtime.detokenize(tokens) == "The bushfires spread quickly."
+    logprobs = runtime.logprobs(tokens)
+    assert logprobs.dtype == np.float32 and logprobs.shape == (len(tokens), 49152)
+    np.testing.assert_allclose(np.exp(logprobs).sum(-1), 1.0, atol=1e-4)
+    generated = runtime.generate(tokens, 5)
+    with torch.no_grad():
+        reference = tiny_model.generate(torch.tensor([tokens]), max_new_tokens=5, do_sample=False)
+    assert generated == [t for t in reference[0, len(tokens) :].tolist() if t != tokenizer.eos_token_id]
+    json.dumps(runtime.info())
+
+
+def test_identical_model_retains_everything(pack, tiny_model, tokenizer, embedder):
+    figures = evaluate(TorchRuntime(tiny_model, tokenizer), pack, embedder)
+    assert figures["kld"]["max"] < 1e-6
+    assert figures["top1_agreement"] == 1.0
+    assert figures["perplexity"]["compressed"] == pytest.approx(figures["perplexity"]["base"], rel=1e-6)
+    assert figures["semantic"]["identical"] == 1.0
+    assert figures["semantic"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert figures["last_word"]["acc"] == figures["last_word"]["base_acc"]
+    assert figures["multiple_choice"]["acc_norm"] == figures["multiple_choice"]["base_acc_norm"]
+    assert all(value == pytest.approx(1.0) for value in figures["retention"].values() if value is not None)
+    assert figures["sr"] == pytest.approx(1.0, abs=1e-6)
+    json.dumps(figures)
+
+
+def test_distribution_figures_match_plain_pytorch(pack, tiny_model, tokenizer, embedder):
+    damaged = _noisy(tiny_model, scale=0.3, seed=1)
+    figures = evaluate(TorchRuntime(damaged, tokenizer), pack, embedder)
+    windows = pack.distribution.windows
+    base_rows, targets = _scored_logprobs(tiny_model, windows)
+    damaged_rows, _ = _scored_logprobs(damaged, windows)
+
+    base_ppl = torch.exp(F.nll_loss(base_rows, targets)).item()
+    damaged_ppl = torch.exp(F.nll_loss(damaged_rows, targets)).item()
+    assert figures["perplexity"]["base"] == pytest.approx(base_ppl, rel=1e-4)
+    assert figures["perplexity"]["compressed"] == pytest.approx(damaged_ppl, rel=1e-4)
+
+    same_top = (base_rows.argmax(-1) == damaged_rows.argmax(-1)).double().mean().item()
+    assert figures["top1_agreement"] == pytest.approx(same_top, abs=1e-9)
+
+    full_kl = F.kl_div(damaged_rows, base_rows, log_target=True, reduction="none").sum(-1)
+    assert 0 < figures["kld"]["mean"] <= full_kl.mean().item() * (1 + 1e-4)
+    assert figures["kld"]["mean"] >= (1 - TOP_K_KL_MAX_SHORTFALL) * full_kl.mean().item()
+    assert figures["kld"]["max"] <= full_kl.max().item() * (1 + 1e-4)
+
+
+def test_heavy_damage_scores_clearly_lower_than_light_damage(pack, tiny_model, tokenizer, embedder):
+    light = evaluate(TorchRuntime(_noisy(tiny_model, scale=0.05, seed=2), tokenizer), pack, embedder)
+    heavy = evaluate(TorchRuntime(_magnitude_pruned(tiny_model, 0.9), tokenizer), pack, embedder)
+    assert light["kld"]["mean"] < heavy["kld"]["mean"]
+    assert light["top1_agreement"] > heavy["top1_agreement"]
+    assert heavy["sr"] < light["sr"] - 0.1
+    assert light["speed"]["prompt_tokens_per_s"] > 0 and light["speed"]["generation_tokens_per_s"] > 0
+
+
+def test_last_word_items_come_from_the_text_and_score_like_greedy_generation(pack, tiny_model, tokenizer, eval_text):
+    items = pack.last_word.items
+    assert len(items) == SETTINGS.n_last_word
+    for item in items:
+        assert tokenizer.decode(item.target) == f" {item.word}"
+        assert f"{tokenizer.decode(item.context)} {item.word}" in eval_text
+        assert len(item.context) <= SETTINGS.last_word_context
+    with torch.no_grad():
+        greedy = [
+            tiny_model.generate(
+                torch.tensor([item.context]),
+                max_new_tokens=len(item.target),
+                min_new_tokens=len(item.target),
+                do_sample=False,
+            )[0, len(item.context) :].tolist()
+            == item.target
+            for item in items
+        ]
+    np.testing.assert_array_equal(pack.last_word.base_correct, greedy)
+    again = last_word_items(eval_text, TorchRuntime(tiny_model, tokenizer).tokenize, SETTINGS.n_last_word, 64, 0)
+    assert [item.word for item in again] == [item.word for item in items]
+
+
+def test_multiple_choice_matches_loglikelihoods_by_hand(pack, tiny_model, tokenizer):
+    reference = pack.multiple_choice
+    logliks = []
+    with torch.no_grad():
+        for task in MC_TASKS:
+            for choice in task["choices"]:
+                context = tokenizer(task["context"])["input_ids"]
+                whole = tokenizer(f"{task['context']} {choice}")["input_ids"]
+                assert whole[: len(context)] == context
+                logprobs = torch.log_softmax(tiny_model(input_ids=torch.tensor([whole])).logits[0].double(), -1)
+                logliks.append(sum(logprobs[i - 1, whole[i]].item() for i in range(len(context), len(whole))))
+    np.testing.assert_allclose(reference.base_logliks, logliks, rtol=1e-4)
+    chars = [len(choice) for task in MC_TASKS for choice in task["choices"]]
+    spans = np.cumsum([0] + [len(task["choices"]) for task in MC_TASKS])
+    answers = [task["answer"] for task in MC_TASKS]
+    acc = np.mean([np.argmax(logliks[a:b]) == y for a, b, y in zip(spans[:-1], spans[1:], answers, strict=True)])
+    normalized = np.array(logliks) / chars
+    acc_norm = np.mean(
+        [np.argmax(normalized[a:b]) == y for a, b, y in zip(spans[:-1], spans[1:], answers, strict=True)]
+    )
+    assert reference.accuracies(reference.base_logliks) == (acc, acc_norm)
+    sequence, n_continuation = encode_choice(tokenizer.encode, "Police said the man was ", "arrested")
+    assert tokenizer.decode(sequence[-n_continuation:]) == " arrested"
+
+
+def test_semantic_reports_the_worst_prompts(pack, tiny_model, tokenizer, embedder):
+    figures = evaluate(TorchRuntime(_magnitude_pruned(tiny_model, 0.9), tokenizer), pack, embedder)
+    worst = figures["semantic"]["worst"]
+    assert len(worst) == SETTINGS.n_worst
+    assert [row["similarity"] for row in worst] == sorted(row["similarity"] for row in worst)
+    assert worst[0]["similarity"] == pytest.approx(figures["semantic"]["min"])
+    by_id = dict(zip(pack.semantic.ids, pack.semantic.base_texts, strict=True))
+    assert all(row["base"] == by_id[row["id"]] for row in worst)
+    assert pack.semantic.prompt_format == "chat"
+
+
+def test_pack_roundtrip_without_pickle(pack, tmp_path, tiny_model, tokenizer, embedder):
+    path = tmp_path / "reference.npz"
+    pack.save(path)
+    with np.load(path, allow_pickle=False) as arrays:
+        assert all(arrays[key].dtype != object for key in arrays.files)
+    loaded = ReferencePack.load(path)
+    assert loaded.settings == pack.settings and loaded.meta == json.loads(json.dumps(pack.meta))
+    for name in ("distribution", "semantic", "last_word", "multiple_choice"):
+        original, restored = getattr(pack, name).to_arrays(), getattr(loaded, name).to_arrays()
+        assert original.keys() == restored.keys()
+        for key in original:
+            np.testing.assert_array_equal(original[key], restored[key], err_msg=f"{name}.{key}")
+    runtime = TorchRuntime(tiny_model, tokenizer)
+    first, second = evaluate(runtime, pack, embedder), evaluate(runtime, loaded, embedder)
+    first.pop("speed"), second.pop("speed")
+    assert first == second
+
+    with pytest.raises(SrcrError, match="already exists"):
+        pack.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reference.npz"]
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file")
+    with pytest.raises(SrcrError, match="not a readable srcr reference pack"):
+        ReferencePack.load(garbage)

@@ -1,0 +1,109 @@
+"""`srcr sweep` on a tiny model: every configuration measured, a killed sweep resumes without repeating work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import exporter.sweep as sweep_module
+from exporter.cli import app
+from exporter.pipeline import EvalOptions
+from exporter.sweep import SweepOptions, run_sweep
+
+
+def options(model, out):
+    return SweepOptions(
+        model=str(model),
+        sparsities=[0.0, 0.5],
+        bits=[4, 8],
+        method="wanda",
+        calib_samples=4,
+        seq_len=64,
+        out=out,
+        evaluation=EvalOptions(windows=2),
+    )
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_sweep_resumes_without_repeating_work(tmp_path, tiny_llama_dir, monkeypatch):
+    out = tmp_path / "sweep"
+    exported = []
+    real_write_export = sweep_module.write_export
+    prunings = []
+    real_run_pruning = sweep_module.run_pruning
+
+    def counting_write_export(pruned, target, spec, paths, *args, **kwargs):
+        if len(exported) == 3 and kill["armed"]:
+            raise Killed  # dies in the middle of the fourth configuration
+        manifest = real_write_export(pruned, target, spec, paths, *args, **kwargs)
+        exported.append(manifest["name"])
+        return manifest
+
+    def counting_run_pruning(*args, **kwargs):
+        prunings.append(args[2])
+        return real_run_pruning(*args, **kwargs)
+
+    kill = {"armed": True}
+    monkeypatch.setattr(sweep_module, "write_export", counting_write_export)
+    monkeypatch.setattr(sweep_module, "run_pruning", counting_run_pruning)
+    with pytest.raises(Killed):
+        run_sweep(options(tiny_llama_dir, out))
+    assert len(exported) == 3 and len(prunings) == 2  # one pruning per setting, shared by both bit-widths
+    assert not list(out.glob(".*.partial"))
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.manifest.json")}
+    assert len(done_before) == 3
+
+    kill["armed"] = False
+    manifests = run_sweep(options(tiny_llama_dir, out))
+    assert len(manifests) == 4
+    assert len(exported) == 4  # only the interrupted configuration ran again
+    assert len(prunings) == 3  # and only its pruning setting was redone
+    for name, mtime in done_before.items():
+        assert (out / name).stat().st_mtime_ns == mtime
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["configurations"]) == 4
+
+    manifests_again = run_sweep(options(tiny_llama_dir, out))
+    assert len(exported) == 4 and len(prunings) == 3  # a finished sweep does nothing
+    assert [m["name"] for m in manifests_again] == [m["name"] for m in manifests]
+
+
+def test_sweep_command_prints_recommendation_and_writes_report(tmp_path, tiny_llama_dir):
+    out = tmp_path / "sweep"
+    args = [
+        "sweep",
+        "--model",
+        str(tiny_llama_dir),
+        "--sparsity",
+        "0,0.5",
+        "--bits",
+        "4,8",
+        "--method",
+        "wanda",
+        "--calib-samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--eval-windows",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert len(payload["records"]) == 4
+    assert payload["recommended"] in {r["name"] for r in payload["records"]}
+    assert payload["recommendation"].startswith("Recommended for the highest SrCr")
+    assert {row["tcr"] for row in payload["equal_tcr"]} == {0.75}  # 8-bit + 50% vs 4-bit alone
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+    budget = CliRunner().invoke(app, [*args[:-1], "--budget-mb", "1000", "--json"])
+    assert budget.exit_code == 0, budget.output
+    assert json.loads(budget.stdout)["recommendation"].startswith("Recommended for the highest Sr within")

@@ -1,0 +1,108 @@
+"""The sweep's HTML report: valid, self-contained HTML with the embedded figures."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
+from exporter.pareto import equal_tcr_comparison, pareto_front, recommend, recommendation_sentence
+from exporter.sweep_report import render_report
+
+
+def records():
+    rows = []
+    for sparsity, bits, sr, mb in [(0, 4, 0.9, 80), (0, 3, 0.8, 65), (0.25, 4, 0.85, 80), (0, 8, 0.99, 140)]:
+        tcr = 1 - bits / 16 * (1 - sparsity)
+        rows.append(
+            {
+                "name": f"s{sparsity}-q{bits}",
+                "label": f"{sparsity:.0%} Q{bits}",
+                "sparsity": sparsity,
+                "pattern": None,
+                "quant": f"Q{bits}",
+                "bits": bits,
+                "bytes": mb * 1e6,
+                "bits_per_weight": bits + 0.5,
+                "tcr": tcr,
+                "actual": 1 - mb / 270,
+                "sr": sr,
+                "srcr": sr * tcr,
+                "kld": 1 - sr,
+                "ppl": 30 / sr,
+                "retention": {"perplexity": sr, "semantic": sr - 0.05, "last_word": sr - 0.1},
+            }
+        )
+    return rows
+
+
+class Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.stack, self.images, self.tables, self.errors = [], [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in ("img", "meta", "br"):
+            self.stack.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self.tables += tag == "table"
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+
+
+@pytest.fixture()
+def page():
+    rows = records()
+    chosen = recommend(rows)
+    return render_report(
+        rows,
+        pareto_front(rows, "tcr"),
+        pareto_front(rows, "bytes", higher_is_better=False),
+        chosen,
+        recommendation_sentence(chosen, None, None),
+        equal_tcr_comparison(rows),
+        "test sweep",
+    )
+
+
+def test_report_is_valid_html_with_embedded_png_figures(page):
+    parser = Collector()
+    parser.feed(page)
+    assert page.startswith("<!DOCTYPE html>")
+    assert parser.errors == [] and parser.stack == []
+    assert len(parser.images) == 3
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert parser.tables == 2
+    assert "http://" not in page and "https://" not in page  # viewable offline
+
+
+def test_report_renders_in_headless_chromium(page, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    html_file = tmp_path / "report.html"
+    html_file.write_text(page)
+    shot = tmp_path / "shot.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    subprocess.run(
+        [
+            browser,
+            *flags,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            html_file.as_uri(),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
