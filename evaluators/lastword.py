@@ -59,11 +59,7 @@ def last_word_items(
         context = tokenize(context_text)
         whole = tokenize(f"{context_text} {word}")
         # Keep only items whose context tokenizes the same alone as it does before the word.
-        if (
-            len(context) < MIN_CONTEXT_TOKENS
-            or len(whole) <= len(context)
-            or whole[: len(context)] != context
-        ):
+        if len(context) < MIN_CONTEXT_TOKENS or len(whole) <= len(context) or whole[: len(context)] != context:
             continue
         kept = ([bos_id] if bos_id is not None else []) + context[-max_context_tokens:]
         chosen.append((position, LastWordItem(context=kept, target=whole[len(context) :], word=word)))

@@ -89,9 +89,7 @@ class MultipleChoiceReference:
 
     def logliks(self, runtime: Runtime, label: str, progress: ProgressFn = no_progress) -> np.ndarray:
         values = np.zeros(len(self.sequences))
-        for index, (sequence, n_continuation) in enumerate(
-            zip(self.sequences, self.continuation_lengths, strict=True)
-        ):
+        for index, (sequence, n_continuation) in enumerate(zip(self.sequences, self.continuation_lengths, strict=True)):
             progress(label, index, len(self.sequences))
             values[index] = continuation_loglik(runtime, sequence, int(n_continuation))
         progress(label, len(self.sequences), len(self.sequences))

@@ -24,9 +24,7 @@ def load_prompts(path: Path | None = None, include_builtin: bool = True) -> list
                 raise SrcrError(f'{file}:{number} needs a non-empty string "prompt"; fix that line')
             prompt_id = str(row.get("id", f"{file.stem}-{number}"))
             if prompt_id in seen:
-                raise SrcrError(
-                    f'{file}:{number} repeats prompt id "{prompt_id}"; give every prompt its own id'
-                )
+                raise SrcrError(f'{file}:{number} repeats prompt id "{prompt_id}"; give every prompt its own id')
             seen.add(prompt_id)
             prompts.append({"id": prompt_id, "prompt": prompt})
     return prompts

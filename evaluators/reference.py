@@ -44,7 +44,7 @@ PACK_FORMAT = "srcr-reference/v1"
 class EvalSettings:
     windows: int = 8  # perplexity/KL windows: 8 x 512 tokens fit gensim's lee.cor
     window_len: int = 512
-    top_k: int = 32  # base tokens kept per scored position for KL
+    top_k: int = 128  # base tokens kept per scored position for KL (docs/metrics.md: error vs k)
     max_new_tokens: int = 32  # greedy continuation length for semantic similarity
     n_last_word: int = 100  # last-word items (0 = skip the evaluator)
     last_word_context: int = 128  # at most this many context tokens per last-word item
@@ -56,15 +56,11 @@ class EvalSettings:
         if self.windows < 1:
             raise SrcrError(f"windows must be at least 1, got {self.windows}; pass a positive window count")
         if self.window_len < 4:
-            raise SrcrError(
-                f"window length must be at least 4 tokens, got {self.window_len}; pass a longer one"
-            )
+            raise SrcrError(f"window length must be at least 4 tokens, got {self.window_len}; pass a longer one")
         if self.top_k < 1:
             raise SrcrError(f"top-k must be at least 1, got {self.top_k}; pass a positive top-k")
         if self.max_new_tokens < 1:
-            raise SrcrError(
-                f"max new tokens must be at least 1, got {self.max_new_tokens}; pass a positive count"
-            )
+            raise SrcrError(f"max new tokens must be at least 1, got {self.max_new_tokens}; pass a positive count")
         if self.n_last_word < 0 or self.last_word_context < 1:
             raise SrcrError("last-word item count must be >= 0 and its context >= 1 token; fix the settings")
 
@@ -107,9 +103,7 @@ class ReferencePack:
     def load(cls, path: Path) -> ReferencePack:
         path = Path(path)
         if not path.is_file():
-            raise SrcrError(
-                f"reference pack {path} does not exist; pass the .npz written beside the artifact"
-            )
+            raise SrcrError(f"reference pack {path} does not exist; pass the .npz written beside the artifact")
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 header = json.loads(str(arrays["header"]))
@@ -123,9 +117,7 @@ class ReferencePack:
                     settings=EvalSettings(**header["settings"]),
                     distribution=DistributionReference.from_arrays(_section(arrays, "distribution")),
                     semantic=SemanticReference.from_arrays(_section(arrays, "semantic")),
-                    last_word=LastWordReference.from_arrays(sections["last_word"])
-                    if sections["last_word"]
-                    else None,
+                    last_word=LastWordReference.from_arrays(sections["last_word"]) if sections["last_word"] else None,
                     multiple_choice=(
                         MultipleChoiceReference.from_arrays(sections["multiple_choice"])
                         if sections["multiple_choice"]
@@ -187,16 +179,12 @@ def evaluate(
     semantic, generation_timing = pack.semantic.score(runtime, embedder, pack.settings.n_worst, progress)
     figures["semantic"] = semantic
     retention: dict[str, float | None] = {
-        "perplexity": perplexity_retention(
-            figures["perplexity"]["base"], figures["perplexity"]["compressed"]
-        ),
+        "perplexity": perplexity_retention(figures["perplexity"]["base"], figures["perplexity"]["compressed"]),
         "semantic": semantic_retention(semantic["mean"]),
     }
     if pack.last_word is not None:
         figures["last_word"] = pack.last_word.score(runtime, progress)
-        retention["last_word"] = accuracy_retention(
-            figures["last_word"]["acc"], figures["last_word"]["base_acc"]
-        )
+        retention["last_word"] = accuracy_retention(figures["last_word"]["acc"], figures["last_word"]["base_acc"])
     if pack.multiple_choice is not None:
         mc = pack.multiple_choice.score(runtime, progress)
         figures["multiple_choice"] = mc

@@ -35,15 +35,11 @@ class Embedder(Protocol):
 
 def embed(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
     """float32 [len(texts), D], unit length, so a dot product is the cosine similarity."""
-    vectors = embedder.encode(
-        list(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
-    )
+    vectors = embedder.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
     return np.asarray(vectors, dtype=np.float32)
 
 
-def prompt_tokens(
-    runtime: Runtime, prompt: str, use_chat_template: bool, bos_id: int | None
-) -> tuple[list[int], str]:
+def prompt_tokens(runtime: Runtime, prompt: str, use_chat_template: bool, bos_id: int | None) -> tuple[list[int], str]:
     """(token ids, "chat" | "plain"): the chat template when asked for and available, else plain text."""
     if use_chat_template and isinstance(runtime, ChatPrompting):
         tokens = runtime.chat_tokens(prompt)

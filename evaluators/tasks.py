@@ -25,9 +25,7 @@ def load_mc_tasks(path: Path) -> list[dict[str, Any]]:
             or len(choices) < 2
             or not all(isinstance(choice, str) and choice.strip() for choice in choices)
         ):
-            raise SrcrError(
-                f'{where} needs "choices": a list of at least two non-empty strings; fix that line'
-            )
+            raise SrcrError(f'{where} needs "choices": a list of at least two non-empty strings; fix that line')
         if isinstance(answer, str) and answer in choices:
             answer = choices.index(answer)
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):

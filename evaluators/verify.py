@@ -23,7 +23,7 @@ class Tolerance:
 
 
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "sr": Tolerance(absolute=0.01),
+    "sr": Tolerance(absolute=0.02),
     "perplexity.compressed": Tolerance(relative=0.02),
     "kld.mean": Tolerance(absolute=0.005, relative=0.10),
     "top1_agreement": Tolerance(absolute=0.01),

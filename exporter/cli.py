@@ -115,7 +115,7 @@ def export(
     method: Annotated[str, typer.Option(help="Pruning method: sparsegpt, wanda or magnitude.")] = "sparsegpt",
     bits: Annotated[
         int | None,
-        typer.Option(help="Quantization bit-width (GGUF: 2,3,4,5,6,8,16; ONNX: 2,4,8,16). Default 4."),
+        typer.Option(help="Quantization bit-width (GGUF: 2,3,4,5,6,8,16; ONNX: 2,4,8,16,32). Default 4."),
     ] = None,
     quant_type: Annotated[
         str | None, typer.Option(help="Name the format's quantization type directly, e.g. Q4_K_M or IQ2_XXS.")
@@ -140,7 +140,9 @@ def export(
     seed: Annotated[int, typer.Option(help="Seed for choosing calibration windows.")] = 0,
     device: Annotated[str, typer.Option(help="Where pruning runs: auto (CUDA when available), cpu or cuda.")] = "auto",
     block_size: Annotated[int | None, typer.Option(help="ONNX: quantization block size (default 32).")] = None,
-    quant_algo: Annotated[str | None, typer.Option(help="ONNX: weight quantization algorithm (rtn, hqq, ...).")] = None,
+    quant_algo: Annotated[
+        str | None, typer.Option(help="ONNX: weight quantization algorithm: wls (default), hqq or rtn.")
+    ] = None,
     quant_scheme: Annotated[
         str | None, typer.Option(help="ONNX: weight-only (default) or dynamic (int8 weights and activations).")
     ] = None,
@@ -157,7 +159,18 @@ def export(
     tasks: Annotated[
         Path | None, typer.Option(help='Multiple-choice tasks (JSONL: {"context", "choices", "answer"}).')
     ] = None,
-    eval_windows: Annotated[int | None, typer.Option(help="Number of evaluation windows.")] = None,
+    eval_windows: Annotated[
+        int | None, typer.Option(help="Number of evaluation windows (default 8 × 512 tokens).")
+    ] = None,
+    last_word_items: Annotated[
+        int | None, typer.Option(help="Last-word accuracy items taken from the evaluation text (default 100; 0 skips).")
+    ] = None,
+    new_tokens: Annotated[
+        int | None, typer.Option(help="Greedy tokens generated per prompt for semantic similarity (default 32).")
+    ] = None,
+    builtin_prompts: Annotated[
+        bool, typer.Option(help="Include the 50 built-in prompts (--no-builtin-prompts: only --prompts FILE).")
+    ] = True,
     top_k: Annotated[
         int | None, typer.Option(help="Reference pack: top-k log-probabilities kept per position.")
     ] = None,
@@ -201,7 +214,15 @@ def export(
             overwrite=overwrite,
             allow_pickle=allow_pickle,
             evaluation=EvalOptions(
-                enabled=evaluate, eval_text=eval_text, prompts=prompts, tasks=tasks, windows=eval_windows, top_k=top_k
+                enabled=evaluate,
+                eval_text=eval_text,
+                prompts=prompts,
+                tasks=tasks,
+                windows=eval_windows,
+                top_k=top_k,
+                last_word_items=last_word_items,
+                new_tokens=new_tokens,
+                builtin_prompts=builtin_prompts,
             ),
         )
         with stage_progress(console) as progress:
@@ -373,6 +394,9 @@ def sweep(
     prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) for semantic similarity.")] = None,
     tasks: Annotated[Path | None, typer.Option(help="Multiple-choice tasks (JSONL).")] = None,
     eval_windows: Annotated[int | None, typer.Option(help="Number of evaluation windows.")] = None,
+    last_word_items: Annotated[int | None, typer.Option(help="Last-word accuracy items (default 100).")] = None,
+    new_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per prompt (default 32).")] = None,
+    builtin_prompts: Annotated[bool, typer.Option(help="Include the built-in prompts.")] = True,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (trusted sources only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the records and recommendation as JSON.")] = False,
 ) -> None:
@@ -396,7 +420,15 @@ def sweep(
             device=device,
             out=out,
             allow_pickle=allow_pickle,
-            evaluation=EvalOptions(eval_text=eval_text, prompts=prompts, tasks=tasks, windows=eval_windows),
+            evaluation=EvalOptions(
+                eval_text=eval_text,
+                prompts=prompts,
+                tasks=tasks,
+                windows=eval_windows,
+                last_word_items=last_word_items,
+                new_tokens=new_tokens,
+                builtin_prompts=builtin_prompts,
+            ),
         )
         with stage_progress(console) as progress:
             manifests = run_sweep(options, progress)

@@ -32,6 +32,9 @@ class EvalOptions:
     tasks: Path | None = None
     windows: int | None = None
     top_k: int | None = None
+    last_word_items: int | None = None
+    new_tokens: int | None = None
+    builtin_prompts: bool = True
 
 
 @dataclass
@@ -108,13 +111,16 @@ def resolve_device(device: str) -> str:
 
 def prune_spec_from(options: ExportOptions) -> Any:
     from exporter.pruning import PruneSpec, parse_pattern
+    from exporter.pruning.spec import validate_spec
 
     pattern = parse_pattern(options.pattern) if options.pattern else None
     if not 0.0 <= options.sparsity < 1.0:
         raise SrcrError(f"--sparsity {options.sparsity} is outside [0, 1); pass a fraction such as 0.25")
     if pattern and options.sparsity:
         raise SrcrError("pass either --sparsity (unstructured) or --pattern N:M, not both")
-    return PruneSpec(method=options.method, sparsity=options.sparsity, pattern=pattern)
+    spec = PruneSpec(method=options.method, sparsity=options.sparsity, pattern=pattern)
+    validate_spec(spec)  # before the model is even loaded
+    return spec
 
 
 def _slug(text: str) -> str:
@@ -135,18 +141,18 @@ def is_pruning(prune_spec: Any) -> bool:
     return bool(prune_spec.pattern) or prune_spec.sparsity > 0
 
 
-def run_pruning(
-    loaded: LoadedModel, options: ExportOptions, prune_spec: Any, device: str, progress: ProgressFn
-) -> tuple[Any, Any]:
-    """Calibrate and prune `loaded.model` in place; returns (PruneReport, CalibrationSet)."""
+def load_calibration_for(loaded: LoadedModel, options: ExportOptions) -> Any:
+    """Tokenize the calibration text up front, so a too-short file fails before any expensive stage."""
     from exporter.calibration import load_calibration
+
+    return load_calibration(loaded.tokenizer, options.calib, options.calib_samples, options.seq_len, options.seed)
+
+
+def run_pruning(loaded: LoadedModel, calibration: Any, prune_spec: Any, device: str, progress: ProgressFn) -> Any:
+    """Calibrate and prune `loaded.model` in place; returns the PruneReport."""
     from exporter.pruning import prune_model
 
-    calibration = load_calibration(
-        loaded.tokenizer, options.calib, options.calib_samples, options.seq_len, options.seed
-    )
-    report = prune_model(loaded.model, calibration.input_ids, prune_spec, device=device, progress=progress)
-    return report, calibration
+    return prune_model(loaded.model, calibration.input_ids, prune_spec, device=device, progress=progress)
 
 
 def pruning_section(prune_spec: Any, report: Any, calibration: Any, seed: int) -> dict[str, Any]:
@@ -182,11 +188,16 @@ def run_export(options: ExportOptions, progress: ProgressFn = no_progress) -> di
         progress("load model", 0, 1)
         loaded = load_model(options.model, allow_pickle=options.allow_pickle)
         progress("load model", 1, 1)
+    check_model = getattr(target, "check_model", None)  # format limits that depend on the model's shapes
+    if check_model is not None:
+        check_model(loaded.model, spec)
     name = options.name or default_name(loaded.source, prune_spec, spec)
     paths = OutputPaths.for_name(options.out, name, target.suffix)
     paths.check(options.overwrite, with_reference=evaluation.enabled)
     Path(options.out).mkdir(parents=True, exist_ok=True)
     remove_partials(Path(options.out))
+
+    calibration = load_calibration_for(loaded, options)
 
     pack = None
     if evaluation.enabled:
@@ -194,7 +205,7 @@ def run_export(options: ExportOptions, progress: ProgressFn = no_progress) -> di
             pack = build_reference(loaded, evaluation, device, progress)
 
     with timer.stage("calibrate_prune"):
-        report, calibration = run_pruning(loaded, options, prune_spec, device, progress)
+        report = run_pruning(loaded, calibration, prune_spec, device, progress)
 
     pruned = PrunedModel(loaded, prune_spec, report, calibration, options.seed)
     return write_export(pruned, target, spec, paths, pack, device, timer, progress, options.overwrite)

@@ -13,7 +13,12 @@ from targets.base import ProgressFn, Target
 def eval_settings(evaluation: Any) -> Any:
     from evaluators.reference import EvalSettings
 
-    overrides = {"windows": evaluation.windows, "top_k": evaluation.top_k}
+    overrides = {
+        "windows": evaluation.windows,
+        "top_k": evaluation.top_k,
+        "n_last_word": evaluation.last_word_items,
+        "max_new_tokens": evaluation.new_tokens,
+    }
     return EvalSettings(**{key: value for key, value in overrides.items() if value is not None})
 
 
@@ -31,7 +36,7 @@ def build_reference(loaded: LoadedModel, evaluation: Any, device: str, progress:
         base,
         eval_settings(evaluation),
         read_text(eval_path),
-        load_prompts(evaluation.prompts),
+        load_prompts(evaluation.prompts, include_builtin=evaluation.builtin_prompts),
         load_mc_tasks(evaluation.tasks) if evaluation.tasks else None,
         load_embedder(),
         progress,

@@ -24,6 +24,7 @@ from exporter.pipeline import (
     StageTimer,
     clone_model,
     default_name,
+    load_calibration_for,
     prune_spec_from,
     resolve_device,
     run_pruning,
@@ -113,6 +114,9 @@ def _sweep_identity(loaded: Any, options: SweepOptions) -> dict[str, Any]:
         "tasks": str(evaluation.tasks) if evaluation.tasks else None,
         "windows": evaluation.windows,
         "top_k": evaluation.top_k,
+        "last_word_items": evaluation.last_word_items,
+        "new_tokens": evaluation.new_tokens,
+        "builtin_prompts": evaluation.builtin_prompts,
         "target_options": options.target_options,
     }
 
@@ -158,6 +162,10 @@ def run_sweep(options: SweepOptions, progress: ProgressFn = no_progress) -> list
     remove_partials(folder)
 
     loaded = load_model(options.model, allow_pickle=options.allow_pickle)
+    check_model = getattr(target, "check_model", None)
+    for spec in specs if check_model is not None else []:
+        check_model(loaded.model, spec)
+    calibration = load_calibration_for(loaded, settings[0].export_options(options))
     identity = _sweep_identity(loaded, options)
     index = _load_index(folder, identity)
     pack = _reference_pack(loaded, options, folder, device, progress)
@@ -186,9 +194,7 @@ def run_sweep(options: SweepOptions, progress: ProgressFn = no_progress) -> list
         timer = StageTimer()
         candidate = clone_model(loaded)
         with timer.stage("calibrate_prune"):
-            report, calibration = run_pruning(
-                candidate, setting.export_options(options), prune_specs[setting], device, progress
-            )
+            report = run_pruning(candidate, calibration, prune_specs[setting], device, progress)
         pruned = PrunedModel(candidate, prune_specs[setting], report, calibration, options.seed)
         for spec, paths in todo:
             progress(f"sweep {paths.artifact.name}", finished, total)
@@ -239,7 +245,11 @@ def sweep_records(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "actual": manifest["compression"]["actual"],
                 "sr": manifest.get("sr"),
                 "srcr": manifest.get("srcr"),
-                "retention": (manifest.get("evaluation") or {}).get("retention", {}),
+                "retention": {  # None: undefined for this model (e.g. base accuracy 0)
+                    key: value
+                    for key, value in ((manifest.get("evaluation") or {}).get("retention") or {}).items()
+                    if value is not None
+                },
                 "kld": ((manifest.get("evaluation") or {}).get("kld") or {}).get("mean"),
                 "ppl": ((manifest.get("evaluation") or {}).get("perplexity") or {}).get("compressed"),
             }

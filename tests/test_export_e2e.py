@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -15,6 +16,12 @@ from typer.testing import CliRunner
 from exporter.cli import app
 
 runner = CliRunner()
+PROMPTS = str(Path(__file__).parent / "data" / "prompts_small.jsonl")
+# Small evaluation settings keep the tiny-model tests quick; the evaluators are the same code.
+FAST_EVAL = (
+    "--eval-windows", "2", "--last-word-items", "10", "--new-tokens", "8",
+    "--no-builtin-prompts", "--prompts", PROMPTS,
+)  # fmt: skip
 
 
 def export(*args):

@@ -9,6 +9,7 @@ from test_gguf_helpers import (
     SMOLLM_HINTS,
     mean_kl,
     sample_tokens,
+    sentencepiece_style_tokenizer,
     tiny_llama,
     tiny_qwen2,
     torch_logits,
@@ -145,6 +146,26 @@ def test_tokenization_matches_hf_on_lee_corpus(smollm_tokenizer, tmp_path):
         runtime.close()
 
 
+def test_sentencepiece_style_tokenizer_matches_hf(tmp_path):
+    tokenizer = sentencepiece_style_tokenizer()
+    model = tiny_llama(tokenizer)
+    convert_to_gguf(model, tokenizer, tmp_path / "spm.gguf", "F32")
+    reader = gguf.GGUFReader(tmp_path / "spm.gguf")
+    assert reader.get_field("tokenizer.ggml.model").contents() == "llama"
+    assert reader.get_field("tokenizer.ggml.add_space_prefix").contents() is True
+    documents = [line for line in read_text(default_eval_file()).splitlines() if line.strip()][:25]
+    texts = documents + SENTENCES + ["naïve café, 東京 😀", "  two  spaces"]
+    runtime = LlamaCppRuntime(tmp_path / "spm.gguf", n_ctx=256)
+    try:
+        for text in texts:
+            assert runtime.tokenize(text) == tokenizer(text, add_special_tokens=False)["input_ids"], text
+        tokens = tokenizer(SENTENCES[1], add_special_tokens=False)["input_ids"]
+        expected = torch_logits(model, tokens)
+        assert mean_kl(expected, runtime.logprobs(tokens)) < 1e-5
+    finally:
+        runtime.close()
+
+
 def test_detect_bpe_pre_from_pre_tokenizer_json():
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     digits = {"type": "Digits", "individual_digits": True}
@@ -158,7 +179,7 @@ def test_detect_bpe_pre_from_pre_tokenizer_json():
     assert detect_bpe_pre({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [qwen_split, byte_level]}}) == (
         "qwen2"
     )
-    assert detect_bpe_pre({"pre_tokenizer": byte_level}) == "gpt2"
+    assert detect_bpe_pre({"pre_tokenizer": byte_level}) == "gpt-2"
     with pytest.raises(SrcrError, match="tokenizer_pre"):
         detect_bpe_pre({"pre_tokenizer": {"type": "Whitespace"}})
 

@@ -120,3 +120,21 @@ def activation_imatrix(model, tokens: list[int]) -> dict[str, np.ndarray]:
 
 def leftovers(folder: Path) -> list[Path]:
     return sorted(folder.glob(".*partial"))
+
+
+def sentencepiece_style_tokenizer(vocab_size: int = 1200):
+    """A Llama-2/Mistral-style tokenizer (BPE with byte fallback, "▁" for spaces) trained on lee_background."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from exporter.calibration import default_calibration_file, read_text
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(read_text(default_calibration_file()).splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

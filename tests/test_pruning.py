@@ -260,3 +260,18 @@ def test_models_without_a_decoder_stack_are_refused():
 def test_bad_calibration_ids_are_refused(ids):
     with pytest.raises(SrcrError):
         prune_model(tiny_llama(), ids, PruneSpec("wanda", 0.5))
+
+
+def test_mixed_sliding_and_full_attention_needs_samples_inside_the_window():
+    torch.manual_seed(0)
+    config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    assert len(set(config.layer_types)) == 2
+    with pytest.raises(SrcrError, match="--seq-len 16"):
+        prune_model(Qwen2ForCausalLM(config).eval(), calibration_ids(seq_len=32), PruneSpec("wanda", 0.5))
+    report = prune_model(Qwen2ForCausalLM(config).eval(), calibration_ids(seq_len=16), PruneSpec("wanda", 0.5))
+    assert report.overall_sparsity == 0.5
+
+
+def test_sparsegpt_needs_m_to_divide_its_block():
+    with pytest.raises(SrcrError, match="pick an M that divides 128"):
+        prune_model(tiny_llama(), calibration_ids(), PruneSpec("sparsegpt", 0.0, (1, 3)))

@@ -1,8 +1,4 @@
-"""The reference pack and `evaluate` on a tiny Llama (SmolLM2's tokenizer), checked against plain PyTorch.
-
-The tiny model is trained for a few seconds on gensim's Lee background corpus so that its
-next-token distributions are peaked like a real model's; it is evaluated on the held-out lee.cor.
-"""
+"""The reference pack and `evaluate` on a tiny random Llama (SmolLM2's tokenizer), checked against plain PyTorch."""
 
 from __future__ import annotations
 
@@ -19,13 +15,13 @@ from evaluators.lastword import last_word_items
 from evaluators.multiple_choice import encode_choice
 from evaluators.prompts import load_prompts
 from evaluators.reference import EvalSettings, ReferencePack, build_reference_pack, evaluate
-from exporter.calibration import default_calibration_file, default_eval_file, read_text
+from exporter.calibration import default_eval_file, read_text
 from exporter.errors import SrcrError
 from targets.base import Runtime
 from targets.torch_runtime import TorchRuntime
 
 SETTINGS = EvalSettings(
-    windows=3, window_len=128, top_k=16, max_new_tokens=8, n_last_word=24, last_word_context=64, n_worst=2
+    windows=3, window_len=128, top_k=128, max_new_tokens=8, n_last_word=24, last_word_context=64, n_worst=2
 )
 MC_TASKS = [
     {"context": "The Prime Minister said the", "choices": ["government", "banana"], "answer": 0},
@@ -33,8 +29,10 @@ MC_TASKS = [
     {"context": "The fire spread across the", "choices": ["state", "spoon"], "answer": 0},
     {"context": "He told reporters that", "choices": ["the", "xylophone quietly"], "answer": 0},
 ]
-# The top-k KL may only fall short of the full-vocabulary KL by this fraction on the tiny model.
-TOP_K_KL_MAX_SHORTFALL = 0.35
+LM_HEAD_STD = 0.6
+# The pack's top-k KL may fall short of the full-vocabulary KL by at most this fraction
+# (measured: 8% at k=128 on this model, 8-12% on SmolLM2-135M; docs/metrics.md).
+TOP_K_KL_MAX_SHORTFALL = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +46,11 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
+    """Random weights, with an output layer wide enough that the top-k tokens hold most of the mass.
+
+    At LM_HEAD_STD the top-32 tokens hold about 85% of the probability, as they do for
+    SmolLM2-135M on lee.cor: the regime in which the pack's top-k KL is meant to be accurate.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -59,20 +62,14 @@ def tiny_model(tokenizer):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
-    tokens = torch.tensor(tokenizer(read_text(default_calibration_file()))["input_ids"])
-    chunks = tokens[: len(tokens) // 128 * 128].view(-1, 128)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        batch = chunks[torch.randint(len(chunks), (16,))]
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, LM_HEAD_STD)
     return model.eval()
 
 
@@ -90,6 +87,16 @@ def eval_text():
 def pack(tiny_model, tokenizer, embedder, eval_text):
     base = TorchRuntime(tiny_model, tokenizer)
     return build_reference_pack(base, SETTINGS, eval_text, load_prompts()[:4], MC_TASKS, embedder)
+
+
+@pytest.fixture(scope="module")
+def identity_figures(pack, tiny_model, tokenizer, embedder):
+    return evaluate(TorchRuntime(tiny_model, tokenizer), pack, embedder)
+
+
+@pytest.fixture(scope="module")
+def heavy_figures(pack, tiny_model, tokenizer, embedder):
+    return evaluate(TorchRuntime(_magnitude_pruned(tiny_model, 0.9), tokenizer), pack, embedder)
 
 
 def _noisy(model, scale: float, seed: int):
@@ -141,8 +148,8 @@ def test_torch_runtime_implements_the_runtime_contract(tiny_model, tokenizer):
     json.dumps(runtime.info())
 
 
-def test_identical_model_retains_everything(pack, tiny_model, tokenizer, embedder):
-    figures = evaluate(TorchRuntime(tiny_model, tokenizer), pack, embedder)
+def test_identical_model_retains_everything(identity_figures):
+    figures = identity_figures
     assert figures["kld"]["max"] < 1e-6
     assert figures["top1_agreement"] == 1.0
     assert figures["perplexity"]["compressed"] == pytest.approx(figures["perplexity"]["base"], rel=1e-6)
@@ -176,11 +183,14 @@ def test_distribution_figures_match_plain_pytorch(pack, tiny_model, tokenizer, e
     assert figures["kld"]["max"] <= full_kl.max().item() * (1 + 1e-4)
 
 
-def test_heavy_damage_scores_clearly_lower_than_light_damage(pack, tiny_model, tokenizer, embedder):
+def test_heavy_damage_scores_clearly_lower_than_light_damage(pack, tiny_model, tokenizer, embedder, heavy_figures):
     light = evaluate(TorchRuntime(_noisy(tiny_model, scale=0.05, seed=2), tokenizer), pack, embedder)
-    heavy = evaluate(TorchRuntime(_magnitude_pruned(tiny_model, 0.9), tokenizer), pack, embedder)
+    heavy = heavy_figures
     assert light["kld"]["mean"] < heavy["kld"]["mean"]
     assert light["top1_agreement"] > heavy["top1_agreement"]
+    assert light["semantic"]["mean"] > heavy["semantic"]["mean"]
+    # A random model's perplexity on real text says nothing (damage may even lower it), so here Sr
+    # falls through the semantic retention; test_reference_smollm2.py checks a real model.
     assert heavy["sr"] < light["sr"] - 0.1
     assert light["speed"]["prompt_tokens_per_s"] > 0 and light["speed"]["generation_tokens_per_s"] > 0
 
@@ -233,8 +243,8 @@ def test_multiple_choice_matches_loglikelihoods_by_hand(pack, tiny_model, tokeni
     assert tokenizer.decode(sequence[-n_continuation:]) == " arrested"
 
 
-def test_semantic_reports_the_worst_prompts(pack, tiny_model, tokenizer, embedder):
-    figures = evaluate(TorchRuntime(_magnitude_pruned(tiny_model, 0.9), tokenizer), pack, embedder)
+def test_semantic_reports_the_worst_prompts(pack, heavy_figures):
+    figures = heavy_figures
     worst = figures["semantic"]["worst"]
     assert len(worst) == SETTINGS.n_worst
     assert [row["similarity"] for row in worst] == sorted(row["similarity"] for row in worst)
@@ -244,7 +254,7 @@ def test_semantic_reports_the_worst_prompts(pack, tiny_model, tokenizer, embedde
     assert pack.semantic.prompt_format == "chat"
 
 
-def test_pack_roundtrip_without_pickle(pack, tmp_path, tiny_model, tokenizer, embedder):
+def test_pack_roundtrip_without_pickle(pack, tmp_path, tiny_model, tokenizer, embedder, identity_figures):
     path = tmp_path / "reference.npz"
     pack.save(path)
     with np.load(path, allow_pickle=False) as arrays:
@@ -256,10 +266,8 @@ def test_pack_roundtrip_without_pickle(pack, tmp_path, tiny_model, tokenizer, em
         assert original.keys() == restored.keys()
         for key in original:
             np.testing.assert_array_equal(original[key], restored[key], err_msg=f"{name}.{key}")
-    runtime = TorchRuntime(tiny_model, tokenizer)
-    first, second = evaluate(runtime, pack, embedder), evaluate(runtime, loaded, embedder)
-    first.pop("speed"), second.pop("speed")
-    assert first == second
+    again = evaluate(TorchRuntime(tiny_model, tokenizer), loaded, embedder)
+    assert {**again, "speed": None} == {**identity_figures, "speed": None}
 
     with pytest.raises(SrcrError, match="already exists"):
         pack.save(path)

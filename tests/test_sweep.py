@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +12,9 @@ import exporter.sweep as sweep_module
 from exporter.cli import app
 from exporter.pipeline import EvalOptions
 from exporter.sweep import SweepOptions, run_sweep
+
+PROMPTS = Path(__file__).parent / "data" / "prompts_small.jsonl"
+FAST_EVAL = EvalOptions(windows=2, last_word_items=10, new_tokens=8, builtin_prompts=False, prompts=PROMPTS)
 
 
 def options(model, out):
@@ -22,7 +26,7 @@ def options(model, out):
         calib_samples=4,
         seq_len=64,
         out=out,
-        evaluation=EvalOptions(windows=2),
+        evaluation=FAST_EVAL,
     )
 
 
@@ -45,7 +49,7 @@ def test_killed_sweep_resumes_without_repeating_work(tmp_path, tiny_llama_dir, m
         return manifest
 
     def counting_run_pruning(*args, **kwargs):
-        prunings.append(args[2])
+        prunings.append(args[2])  # the PruneSpec
         return real_run_pruning(*args, **kwargs)
 
     kill = {"armed": True}
@@ -91,6 +95,13 @@ def test_sweep_command_prints_recommendation_and_writes_report(tmp_path, tiny_ll
         "64",
         "--eval-windows",
         "2",
+        "--last-word-items",
+        "10",
+        "--new-tokens",
+        "8",
+        "--no-builtin-prompts",
+        "--prompts",
+        str(PROMPTS),
         "--out",
         str(out),
         "--json",

@@ -20,7 +20,6 @@ from torch import nn
 
 from exporter.errors import SrcrError
 from exporter.pruning.magnitude import Magnitude
-from exporter.pruning.masks import zero_fraction
 from exporter.pruning.sparsegpt import SparseGPT
 from exporter.pruning.spec import PruneReport, PruneSpec, validate_spec
 from exporter.pruning.stats import InputStatistics
@@ -50,6 +49,7 @@ def prune_model(
     _check_calibration(calib_ids)
     layers = decoder_layers(model)
     _check_pattern_fits(layers, spec)
+    _check_one_attention_kind(model, calib_ids.shape[1])
     pruning = spec.target_sparsity > 0
     pruner_class = PRUNERS[spec.method] if pruning else InputStatistics
     layer_names = _module_names(model, layers)
@@ -63,26 +63,23 @@ def prune_model(
         for index, layer in enumerate(layers):
             home = _device_of(layer)
             layer.to(target)
-            groups = calibrate_layer(layer, inputs, layer_kwargs, pruner_class)
-            for group in groups:
+            for group in calibrate_layer(layer, inputs, layer_kwargs, pruner_class):
                 if pruning:
                     group.prune(spec)
-                mean_square = group.mean_square.cpu().numpy()
                 for name, linear in group.linears.items():
                     full_name = f"{layer_names[index]}.{name}"
-                    imatrix[f"{full_name}.weight"] = mean_square.copy()
-                    per_layer.append(_sparsity_row(index, full_name, linear))
-            del groups
+                    imatrix[f"{full_name}.weight"] = group.mean_square.cpu().numpy()
+                    per_layer.append(_sparsity_row(index, full_name, linear.weight))
             inputs = run_layer(layer, inputs, layer_kwargs)
             layer.to(home)
             progress(f"calibrate+prune layer {index + 1}/{len(layers)}", index + 1, len(layers))
         del inputs
 
-    total = sum(row["numel"] for row in per_layer)
-    zeros = sum(row["sparsity"] * row["numel"] for row in per_layer)
+    zeros = sum(round(row["sparsity"] * row["numel"]) for row in per_layer)
+    weights = sum(row["numel"] for row in per_layer)
     return PruneReport(
         per_layer=per_layer,
-        overall_sparsity=zeros / total if total else 0.0,
+        overall_sparsity=zeros / weights if weights else 0.0,
         imatrix=imatrix,
         imatrix_tokens=int(calib_ids.numel()),
         seconds=time.perf_counter() - start,
@@ -222,8 +219,26 @@ def _check_pattern_fits(layers: nn.ModuleList, spec: PruneSpec) -> None:
             )
 
 
-def _sparsity_row(layer: int, name: str, linear: nn.Linear) -> dict:
-    return {"layer": layer, "name": name, "sparsity": zero_fraction(linear.weight), "numel": linear.weight.numel()}
+def _check_one_attention_kind(model: nn.Module, seq_len: int) -> None:
+    # Layer 0's keyword arguments serve every layer; a sliding-window layer's mask only equals a
+    # full-attention layer's when the samples fit in the window.
+    config = getattr(model, "config", None)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    if len(kinds) > 1 and window is not None and seq_len > window:
+        raise SrcrError(
+            f"{type(model).__name__} mixes {' and '.join(sorted(kinds))} layers; "
+            f"calibrate with --seq-len {window} or less so one attention mask fits every layer"
+        )
+
+
+def _sparsity_row(layer: int, name: str, weight: torch.Tensor) -> dict:
+    return {
+        "layer": layer,
+        "name": name,
+        "sparsity": int((weight == 0).sum()) / weight.numel(),
+        "numel": weight.numel(),
+    }
 
 
 def _module_names(model: nn.Module, layers: nn.ModuleList) -> list[str]:

@@ -47,7 +47,3 @@ def segment_lowest_k_mask(scores: torch.Tensor, sparsity: float, row_splits: lis
         lowest_k_mask(slab, prune_count(sparsity, slab.numel())) for slab in torch.split(scores, row_splits, dim=0)
     ]
     return torch.cat(masks, dim=0)
-
-
-def zero_fraction(weight: torch.Tensor) -> float:
-    return float((weight == 0).sum().item()) / weight.numel()

@@ -66,10 +66,10 @@ def validate_spec(spec: PruneSpec) -> None:
         raise SrcrError(f"sparsity {spec.sparsity} is outside [0, 1); pass a fraction such as 0.5")
     if spec.block_size < 1:
         raise SrcrError(f"block_size {spec.block_size} must be positive; the SparseGPT default is 128")
-    if spec.pattern is not None and spec.block_size % spec.pattern[1]:
+    if spec.method == "sparsegpt" and spec.pattern is not None and spec.block_size % spec.pattern[1]:
         raise SrcrError(
-            f"block_size {spec.block_size} is not a multiple of M={spec.pattern[1]}; "
-            "pass a block size divisible by M so no N:M group straddles two blocks"
+            f"SparseGPT's {spec.block_size}-column blocks cannot hold whole groups of M={spec.pattern[1]}; "
+            f"pick an M that divides {spec.block_size}, such as 2:4 or 4:8"
         )
     if not (math.isfinite(spec.percdamp) and spec.percdamp >= 0):
         raise SrcrError(f"percdamp {spec.percdamp} must be a non-negative number; the default is 0.01")

@@ -72,7 +72,8 @@ class LlamaCppRuntime:
             )
         except ValueError as error:
             raise SrcrError(f"llama.cpp could not load {self.path}: {error}; re-export the artifact") from error
-        self.n_ctx = self._llm.n_ctx()
+        # llama.cpp may round its context up; llama-cpp-python's buffers keep the size asked for.
+        self.n_ctx = min(n_ctx, self._llm.n_ctx())
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
 
     def tokenize(self, text: str) -> list[int]:

@@ -19,7 +19,7 @@ from exporter.errors import SrcrError
 
 # Pre-tokenizer names written by this module's own detection; a caller's hint may name any other
 # pre-tokenizer llama.cpp knows (the written file is load-checked by llama.cpp afterwards).
-DETECTED_BPE_PRE = ("smollm", "llama-bpe", "qwen2", "gpt2")
+DETECTED_BPE_PRE = ("smollm", "llama-bpe", "qwen2", "gpt-2")
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _SPM_SPACE = "\u2581"
@@ -97,7 +97,7 @@ def detect_bpe_pre(spec: dict[str, Any]) -> str:
         if r"|\p{N}|" in regex:
             return "qwen2"
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     raise SrcrError(
         "cannot tell which llama.cpp pre-tokenizer matches this tokenizer; "
         f"pass hints={{'tokenizer_pre': NAME}} (e.g. one of {', '.join(DETECTED_BPE_PRE)})"

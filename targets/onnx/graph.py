@@ -111,8 +111,8 @@ def _trace_inputs(model: Any, shape: CacheShape) -> tuple[Any, ...]:
 
 
 @contextlib.contextmanager
-def _float32_eval(model: Any) -> Iterator[None]:
-    """fp32, eval mode, and the KV cache on for the trace; the caller's settings come back afterwards."""
+def _tracing_mode(model: Any) -> Iterator[None]:
+    """Eval mode and the KV cache on for the trace; the caller's settings come back afterwards."""
     was_training, use_cache = model.training, getattr(model.config, "use_cache", True)
     model.eval()
     model.config.use_cache = True
@@ -124,13 +124,13 @@ def _float32_eval(model: Any) -> Iterator[None]:
 
 
 def export_decoder(model: Any, onnx_path: Path) -> Any:
-    """Trace `model` (fp32, CPU) to `onnx_path` (with external data beside it if large); return the ModelProto."""
+    """Trace `model` (fp32) to `onnx_path` (external data beside it if large); return the loaded ModelProto."""
     import onnx
     import torch
 
     shape = CacheShape.of(model.config)
     layers = shape.layers
-    with _float32_eval(model), torch.no_grad(), warnings.catch_warnings():
+    with _tracing_mode(model), torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python branch on tensor shapes; the trace inputs are chosen so
         # that the general branch is the one recorded.
         warnings.simplefilter("ignore")

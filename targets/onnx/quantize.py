@@ -1,0 +1,84 @@
+"""Applying a resolved QuantSpec to the exported fp32 graph (weight-only blocks, dynamic int8, or floats)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from targets.base import ProgressFn, QuantSpec, no_progress
+from targets.onnx import spec as specs
+from targets.onnx.graph import WeightMap
+from targets.onnx.matmul_nbits import quiet_ort_quantizers
+
+
+@dataclass
+class Quantized:
+    model: Any
+    embedding_quantized: bool
+    embedding_shared: bool
+    quantized_weights: list[str]  # HF weight names whose stored form is quantized
+    imatrix_used: bool = False
+
+
+def quantize_graph(
+    proto: Any,
+    weights: WeightMap,
+    spec: QuantSpec,
+    workdir: Path,
+    imatrix: dict[str, np.ndarray] | None = None,
+    progress: ProgressFn = no_progress,
+) -> Quantized:
+    """The quantized graph (`proto` is edited in place or replaced), and what was quantized or shared."""
+    from targets.onnx.embedding import share_tied_embedding
+    from targets.onnx.matmul_nbits import BlockQuantConfig, quantize_linear_weights
+    from targets.onnx.onnx_edit import store_as_float16
+
+    scheme = spec.options["scheme"]
+    if scheme == specs.DYNAMIC:
+        return _quantize_dynamic(proto, weights, workdir)
+    if scheme == specs.UNQUANTIZED:
+        shared = share_tied_embedding(proto, weights)
+        if spec.bits == 16:
+            store_as_float16(proto, [*weights.linear, weights.embedding or ""], exact=True)
+        return Quantized(proto, embedding_quantized=False, embedding_shared=shared, quantized_weights=[])
+    config = BlockQuantConfig(
+        bits=spec.bits,
+        block_size=spec.options["block_size"],
+        algo=spec.options["algo"],
+        symmetric=spec.options["symmetric"],
+    )
+    proto = quantize_linear_weights(proto, weights.linear, config, imatrix, progress)
+    imatrix_used = config.algo == "wls" and any(name in (imatrix or {}) for name in weights.linear)
+    shared = share_tied_embedding(proto, weights)
+    if not shared and weights.embedding:
+        store_as_float16(proto, [weights.embedding], exact=True)
+    # Scales, offsets and block-sum matrices are stored fp16 wherever that is faithful (see onnx_edit).
+    small_floats = [
+        tensor.name
+        for tensor in proto.graph.initializer
+        if tensor.name.endswith((".scales", "_scales", ".offsets")) or tensor.name.startswith("block_sum.")
+    ]
+    store_as_float16(proto, small_floats)
+    quantized = list(weights.linear)
+    return Quantized(proto, shared, shared, quantized, imatrix_used)
+
+
+def _quantize_dynamic(proto: Any, weights: WeightMap, workdir: Path) -> Quantized:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from targets.onnx.artifact import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+
+    source, target = workdir / "float.onnx", workdir / "dynamic.onnx"
+    large = sum(tensor_bytes(proto).values()) >= EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(proto, str(source), save_as_external_data=large, location="float.onnx.data")
+    with quiet_ort_quantizers():
+        quantize_dynamic(source, target, per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=large)
+    quantized = onnx.load(str(target))
+    stored = {tensor.name for tensor in quantized.graph.initializer}
+    embedding_quantized = bool(weights.embedding) and weights.embedding not in stored
+    names = [name for name in weights.linear if name not in stored]
+    return Quantized(quantized, embedding_quantized, embedding_shared=False, quantized_weights=names)

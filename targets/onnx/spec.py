@@ -1,0 +1,135 @@
+"""Turning `--bits/--quant-type` and the ONNX options into a validated QuantSpec, before any work.
+
+quant_type names (accepted back as --quant-type):
+  fp32, fp16                      unquantized; fp16 is stored as fp16 and computed in fp32
+  MatMulNBits-q4-wls-b32       weight-only blocks: bits, algorithm, block size (+ "-sym" for rtn)
+  int8-dynamic                    onnxruntime.quantization.quantize_dynamic: int8 weights and activations
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from exporter.errors import SrcrError
+from targets.base import QuantSpec
+from targets.onnx.matmul_nbits import ALGORITHMS
+
+FORMAT = "onnx"
+WEIGHT_ONLY, DYNAMIC, UNQUANTIZED = "weight-only", "dynamic", "none"
+SCHEMES = (WEIGHT_ONLY, DYNAMIC)
+BLOCK_BITS = (2, 4, 8)
+FLOAT_BITS = (16, 32)
+DEFAULT_BITS = 4
+DEFAULT_BLOCK_SIZE = 32
+# Measured on SmolLM2-135M at 4 bits, block 32 (docs/onnx.md): wls beats hqq and rtn on KL, bytes and speed.
+DEFAULT_ALGO = "wls"
+OPTIONS = ("block_size", "symmetric", "quant_algo", "quant_scheme")
+_BLOCK_TYPE = re.compile(r"^matmulnbits-q(?P<bits>\d+)-(?P<algo>[a-z]+)-b(?P<block>\d+)(?P<sym>-sym)?$")
+
+
+def _from_quant_type(quant_type: str) -> dict[str, Any]:
+    name = quant_type.strip().lower()
+    if name in ("fp32", "f32", "float32"):
+        return {"bits": 32}
+    if name in ("fp16", "f16", "float16"):
+        return {"bits": 16}
+    if name == "int8-dynamic":
+        return {"bits": 8, "quant_scheme": DYNAMIC}
+    match = _BLOCK_TYPE.match(name)
+    if match is None:
+        raise SrcrError(
+            f"unknown ONNX quant type {quant_type!r}; use fp32, fp16, int8-dynamic or e.g. MatMulNBits-q4-wls-b32"
+        )
+    parsed: dict[str, Any] = {
+        "bits": int(match["bits"]),
+        "quant_algo": match["algo"],
+        "block_size": int(match["block"]),
+        "quant_scheme": WEIGHT_ONLY,
+    }
+    if match["sym"]:
+        parsed["symmetric"] = True
+    return parsed
+
+
+def _check_bits(bits: int) -> None:
+    if bits == 3:
+        raise SrcrError(
+            "ONNX Runtime's MatMulNBits has no 3-bit weights (only 2, 4 and 8); choose --bits 2, 4 or 8, "
+            "or --format gguf for 3-bit"
+        )
+    if bits not in BLOCK_BITS + FLOAT_BITS:
+        raise SrcrError(f"--bits {bits} is not available for ONNX; choose 2, 4 or 8 (quantized) or 16/32 (float)")
+
+
+def _check_block_size(block_size: int) -> None:
+    # MatMulNBits' own rule: a power of two, at least 16.
+    if block_size < 16 or block_size & (block_size - 1):
+        raise SrcrError(f"--block-size {block_size} is invalid; use a power of two of at least 16 (16, 32, 64, 128)")
+
+
+def quant_type_name(bits: int, scheme: str, algo: str | None, block_size: int | None, symmetric: bool) -> str:
+    if scheme == UNQUANTIZED:
+        return f"fp{bits}"
+    if scheme == DYNAMIC:
+        return "int8-dynamic"
+    return f"MatMulNBits-q{bits}-{algo}-b{block_size}" + ("-sym" if symmetric else "")
+
+
+def resolve(bits: int | None, quant_type: str | None, **options: Any) -> QuantSpec:
+    unknown = sorted(key for key, value in options.items() if key not in OPTIONS and value is not None)
+    if unknown:
+        raise SrcrError(f"unknown ONNX option(s) {', '.join(unknown)}; the ONNX target takes {', '.join(OPTIONS)}")
+    options = {key: value for key, value in options.items() if value is not None}
+    if quant_type:
+        parsed = _from_quant_type(quant_type)
+        if bits is not None and bits != parsed["bits"]:
+            raise SrcrError(f"--bits {bits} contradicts --quant-type {quant_type}; pass only one of them")
+        for key, value in parsed.items():
+            if key != "bits" and key in options and options[key] != value:
+                raise SrcrError(f"--{key.replace('_', '-')} {options[key]} contradicts --quant-type {quant_type}")
+        options = {**options, **{key: value for key, value in parsed.items() if key != "bits"}}
+        bits = parsed["bits"]
+    bits = DEFAULT_BITS if bits is None else int(bits)
+    _check_bits(bits)
+
+    scheme = options.get("quant_scheme", WEIGHT_ONLY)
+    if scheme not in SCHEMES:
+        raise SrcrError(f"unknown --quant-scheme {scheme!r}; use {' or '.join(SCHEMES)}")
+    if scheme == DYNAMIC and bits != 8:
+        raise SrcrError("--quant-scheme dynamic quantizes to int8; use it with --bits 8")
+    if bits in FLOAT_BITS:
+        spec_options = {"scheme": UNQUANTIZED}
+        return QuantSpec(FORMAT, bits, quant_type_name(bits, UNQUANTIZED, None, None, False), spec_options)
+    if scheme == DYNAMIC:
+        return QuantSpec(FORMAT, 8, quant_type_name(8, DYNAMIC, None, None, False), {"scheme": DYNAMIC})
+
+    algo = str(options.get("quant_algo", DEFAULT_ALGO)).lower()
+    if algo not in ALGORITHMS:
+        raise SrcrError(f"unknown --quant-algo {algo!r}; use one of {', '.join(ALGORITHMS)}")
+    symmetric = bool(options.get("symmetric", False))
+    if symmetric and algo != "rtn":
+        raise SrcrError(f"--symmetric needs --quant-algo rtn: {algo} blocks are asymmetric by construction")
+    block_size = int(options.get("block_size", DEFAULT_BLOCK_SIZE))
+    _check_block_size(block_size)
+    spec_options = {"scheme": WEIGHT_ONLY, "algo": algo, "block_size": block_size, "symmetric": symmetric}
+    return QuantSpec(FORMAT, bits, quant_type_name(bits, WEIGHT_ONLY, algo, block_size, symmetric), spec_options)
+
+
+def check_block_size_fits(model: Any, spec: QuantSpec) -> None:
+    """Every quantized matrix's input dimension must be a whole number of blocks."""
+    import torch
+
+    block_size = spec.options.get("block_size")
+    if spec.options.get("scheme") != WEIGHT_ONLY or block_size is None:
+        return
+    dims = {name: module.in_features for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    misfits = {name: dim for name, dim in dims.items() if dim % block_size}
+    if not misfits:
+        return
+    name, dim = next(iter(misfits.items()))
+    common = math.gcd(*dims.values())
+    fitting = [str(size) for size in (16, 32, 64, 128, 256) if common % size == 0]
+    advice = f"choose --block-size {' or '.join(fitting)}" if fitting else "use --bits 16 or --format gguf"
+    raise SrcrError(f"--block-size {block_size} does not divide the input dimension {dim} of {name}; {advice}")
