@@ -169,10 +169,10 @@ def export(
         int | None, typer.Option(help="Greedy tokens generated per prompt for semantic similarity (default 32).")
     ] = None,
     builtin_prompts: Annotated[
-        bool, typer.Option(help="Include the 50 built-in prompts (--no-builtin-prompts: only --prompts FILE).")
+        bool, typer.Option(help="Include the 52 built-in prompts (--no-builtin-prompts: only --prompts FILE).")
     ] = True,
     top_k: Annotated[
-        int | None, typer.Option(help="Reference pack: top-k log-probabilities kept per position.")
+        int | None, typer.Option(help="Reference pack: top-k log-probabilities kept per position (default 128).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
     allow_pickle: Annotated[
