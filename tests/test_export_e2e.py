@@ -150,3 +150,26 @@ def test_default_model_export_runs_in_llama_cpp(tmp_path):
 
     result = runner.invoke(app, ["verify", str(tmp_path / f"{manifest['name']}.manifest.json")])
     assert result.exit_code == 0, result.output
+
+
+def test_onnx_export_verifies_and_compares_beside_gguf(tiny_export, tiny_llama_dir):
+    out, gguf_manifest = tiny_export
+    onnx_out = out.parent / "onnx"
+    manifest = export(
+        "--model", str(tiny_llama_dir), "--method", "wanda", "--sparsity", "0.5", "--bits", "8",
+        "--format", "onnx", "--calib-samples", "4", "--seq-len", "64", *FAST_EVAL,
+        "--out", str(onnx_out), "--name", "tiny",
+    )  # fmt: skip
+    assert manifest["format"] == "onnx"
+    assert manifest["evaluation"]["runtime"]["providers"][-1] == "CPUExecutionProvider"
+    assert sorted(p.name for p in onnx_out.iterdir()) == ["tiny.manifest.json", "tiny.onnx", "tiny.reference.npz"]
+    result = runner.invoke(app, ["verify", str(onnx_out / "tiny.manifest.json")])
+    assert result.exit_code == 0, result.output
+
+    result = runner.invoke(
+        app, ["compare", str(out / "tiny.manifest.json"), str(onnx_out / "tiny.manifest.json"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["format"] for row in rows[1:]] == ["gguf", "onnx"]
+    assert rows[1]["tcr"] == rows[2]["tcr"] == pytest.approx(0.75)
