@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.atomic import atomic_path, check_writable, dump_json, remove_partials
+from exporter.atomic import atomic_path, check_writable, dump_json
 from exporter.compression import tcr
 from exporter.errors import SrcrError
 from exporter.models import LoadedModel, load_model
@@ -195,7 +195,6 @@ def run_export(options: ExportOptions, progress: ProgressFn = no_progress) -> di
     paths = OutputPaths.for_name(options.out, name, target.suffix)
     paths.check(options.overwrite, with_reference=evaluation.enabled)
     Path(options.out).mkdir(parents=True, exist_ok=True)
-    remove_partials(Path(options.out))
 
     calibration = load_calibration_for(loaded, options)
 
