@@ -49,7 +49,7 @@ def srcr(sr: float, sparsity: float, bits: float) -> float:
 def compression_figures(
     sr: float, sparsity: float, bits: float, artifact_bytes: int, f16_bytes: int
 ) -> dict[str, float | str]:
-    """Sr beside both compression rates: the manifest's and the CLI's single source for these figures."""
+    """Sr beside both compression rates, by the same formulas the manifest uses (exporter.compression)."""
     actual = actual_compression(artifact_bytes, f16_bytes)
     return {
         "sr": sr,

@@ -6,7 +6,6 @@ text is ever both calibrated on and measured on.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import SrcrError
+from exporter.manifest import sha256_of
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 2048
@@ -59,10 +59,6 @@ def read_text(path: Path) -> str:
     if not raw.strip():
         raise SrcrError(f"{path} holds no text; pass a file with real text")
     return raw
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass
@@ -135,7 +131,7 @@ def load_calibration(
     return CalibrationSet(
         input_ids=windows.contiguous(),
         source=str(path),
-        sha256=sha256_file(path),
+        sha256=sha256_of(path),
         n_samples=n_samples,
         seq_len=seq_len,
         corpus_tokens=total,

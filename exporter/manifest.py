@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from evaluators.retention import SRCR_DEFINITION
 from exporter import __version__
 from exporter.compression import actual_compression
 from exporter.errors import SrcrError
@@ -20,7 +21,6 @@ from exporter.models import LoadedModel
 from targets.base import ExportResult, QuantSpec
 
 SCHEMA_VERSION = 1
-SRCR_DEFINITION = "Sr*TCr/v1"
 LIBRARIES = ("torch", "transformers", "gguf", "llama-cpp-python", "onnx", "onnxruntime-gpu", "onnxruntime")
 
 
