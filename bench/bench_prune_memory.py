@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.rss import GIB, PeakRss, max_rss_bytes  # noqa: E402
 from exporter.pruning import PruneSpec, parse_pattern, prune_model  # noqa: E402
 
 LLAMA_32_1B = {
@@ -39,33 +38,6 @@ LLAMA_32_1B = {
     "max_position_embeddings": 4096,
     "tie_word_embeddings": True,
 }
-GIB = 1024**3
-
-
-class PeakRss:
-    """Highest RSS seen by a sampling thread while the block runs."""
-
-    def __init__(self, interval_s: float = 0.02):
-        self.process = psutil.Process()
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakRss:
-        self.peak = self.process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
 
 
 def main() -> None:
@@ -116,7 +88,7 @@ def main() -> None:
         "rss_with_model_gib": rss_model / GIB,
         "peak_rss_while_pruning_gib": peak.peak / GIB,
         "pruning_overhead_gib": (peak.peak - rss_model) / GIB,
-        "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "ru_maxrss_gib": max_rss_bytes() / GIB,
         "torch_threads": torch.get_num_threads(),
     }
     table = Table(title="peak memory while pruning a random 1.24B Llama on CPU")

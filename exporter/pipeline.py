@@ -82,18 +82,32 @@ class OutputPaths:
 
 
 class StageTimer:
-    """Wall time per pipeline stage, for the manifest."""
+    """Wall time per pipeline stage, for the manifest; `current` names the stage in flight (for benchmarks)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.current: str | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, outer = time.perf_counter(), self.current
+        self.current = name
         try:
             yield
         finally:
+            self.current = outer
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    def split(self, name: str, parts: dict[str, float]) -> None:
+        """Replace stage `name` by the parts it reported; time outside them goes to the last part."""
+        if not parts or name not in self.seconds:
+            return
+        total = self.seconds.pop(name)
+        parts = dict(parts)
+        last = list(parts)[-1]
+        parts[last] += max(0.0, total - sum(parts.values()))
+        for part, seconds in parts.items():
+            self.seconds[part] = round(self.seconds.get(part, 0.0) + seconds, 3)
 
 
 def resolve_device(device: str) -> str:
@@ -173,7 +187,9 @@ def sparsity_for_tcr(prune_spec: Any) -> float:
     return prune_spec.target_sparsity if is_pruning(prune_spec) else 0.0
 
 
-def run_export(options: ExportOptions, progress: ProgressFn = no_progress) -> dict[str, Any]:
+def run_export(
+    options: ExportOptions, progress: ProgressFn = no_progress, timer: StageTimer | None = None
+) -> dict[str, Any]:
     """The whole export; returns the manifest that was written beside the artifact."""
     from exporter.reference import build_reference
 
@@ -183,7 +199,7 @@ def run_export(options: ExportOptions, progress: ProgressFn = no_progress) -> di
     device = resolve_device(options.device)
     evaluation = options.evaluation
 
-    timer = StageTimer()
+    timer = timer or StageTimer()
     with timer.stage("load"):
         progress("load model", 0, 1)
         loaded = load_model(options.model, allow_pickle=options.allow_pickle)
@@ -255,6 +271,7 @@ def write_export(
                 hints=loaded.hints,
                 progress=progress,
             )
+        timer.split("export", result.stage_seconds)
         figures, reference_file = None, None
         if pack is not None:
             with timer.stage("evaluate"):

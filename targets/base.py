@@ -40,6 +40,8 @@ class ExportResult:
     bits_per_weight: float  # measured over the quantized (2-D weight) tensors
     quantization: dict[str, Any]  # format-specific: type, type mix, imatrix use, block size, ...
     format_info: dict[str, Any]  # library/runtime versions, opset, ...
+    # Wall time of the export's own steps ("convert", "quantize"), so the manifest can split them.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable

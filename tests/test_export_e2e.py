@@ -71,8 +71,8 @@ def test_export_writes_artifact_pack_and_manifest(tiny_export):
     assert manifest["srcr"] == pytest.approx(manifest["sr"] * manifest["compression"]["tcr"])
     assert manifest["srcr_definition"] == "Sr*TCr/v1"
     assert 0.0 <= manifest["sr"] <= 1.0
-    for stage in ("load", "reference", "calibrate_prune", "export", "evaluate"):
-        assert manifest["timings_s"][stage] >= 0
+    assert list(manifest["timings_s"]) == ["load", "reference", "calibrate_prune", "convert", "quantize", "evaluate"]
+    assert all(seconds >= 0 for seconds in manifest["timings_s"].values())
 
 
 def test_existing_outputs_are_not_overwritten(tiny_export, tiny_llama_dir):

@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ class GGUFTarget:
             )
         steps = 2 if spec.quant_type in ("F32", "F16") else 3
         progress("convert to GGUF", 0, steps)
+        stage_seconds: dict[str, float] = {}
+        started = time.perf_counter()
         if spec.quant_type in ("F32", "F16"):
             convert_to_gguf(model, tokenizer, out, spec.quant_type, hints)
             _check_loads(out)
@@ -89,12 +92,15 @@ class GGUFTarget:
                 _check_loads(full_precision)
                 f16_bytes = f16_file_bytes(full_precision)
                 gguf_imatrix = imatrix_by_gguf_name(imatrix or {}, names)
+                stage_seconds["convert"] = time.perf_counter() - started
+                started = time.perf_counter()
                 progress(f"quantize to {spec.quant_type}", 1, steps)
                 quantize_gguf(
                     full_precision, out, spec.quant_type, gguf_imatrix or None, pure=spec.options.get("pure", False)
                 )
         progress("measure", steps - 1, steps)
         mix = tensor_type_mix(out)
+        stage_seconds["quantize" if "convert" in stage_seconds else "convert"] = time.perf_counter() - started
         result = ExportResult(
             artifact=out,
             artifact_bytes=out.stat().st_size,
@@ -112,6 +118,7 @@ class GGUFTarget:
                 "llama_cpp_python": llama_cpp.__version__,
                 "gguf_py": importlib.metadata.version("gguf"),
             },
+            stage_seconds={name: round(seconds, 3) for name, seconds in stage_seconds.items()},
         )
         progress("measure", steps, steps)
         return result

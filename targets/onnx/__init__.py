@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,10 @@ class ONNXTarget:
         data_file = None
         try:
             progress("export onnx graph", 0, 1)
+            started = time.perf_counter()
             proto, weights, counts = _export_graph(model, workdir)
+            convert_seconds = time.perf_counter() - started
+            started = time.perf_counter()
             progress("export onnx graph", 1, 1)
             quantized = quantize_graph(proto, weights, spec, workdir, imatrix, progress)
             quantization = _quantization_summary(spec, quantized)
@@ -76,6 +80,7 @@ class ONNXTarget:
             progress("write onnx", 0, 1)
             data_file = artifact.save_model(quantized.model, out, hints)
             progress("write onnx", 1, 1)
+            quantize_seconds = time.perf_counter() - started  # quantization, metadata and the write
         except BaseException:
             if data_file is not None:
                 data_file.unlink(missing_ok=True)
@@ -100,6 +105,7 @@ class ONNXTarget:
             bits_per_weight=_bits_per_weight(sizes, counts, quantized, weights),
             quantization=quantization,
             format_info=format_info,
+            stage_seconds={"convert": round(convert_seconds, 3), "quantize": round(quantize_seconds, 3)},
         )
 
     def open_runtime(self, artifact: Path, device: str = "auto") -> OrtRuntime:
