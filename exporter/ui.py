@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,9 +29,16 @@ def stderr_console() -> Console:
 
 @contextlib.contextmanager
 def stage_progress(console: Console, enabled: bool = True) -> Iterator[Any]:
-    """A ProgressFn drawing one bar per stage, keyed by the description's first word."""
+    """A ProgressFn drawing one bar per stage, keyed by the description's first word.
+
+    When the console is not a terminal (output piped or logged) bars would only appear at the end,
+    so progress is written as plain timestamped lines instead.
+    """
     if not enabled:
         yield lambda description, completed, total: None
+        return
+    if not console.is_terminal:
+        yield LineProgress(console)
         return
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
@@ -43,6 +51,26 @@ def stage_progress(console: Console, enabled: bool = True) -> Iterator[Any]:
             progress.update(tasks[stage], description=description, completed=completed, total=max(total, 1))
 
         yield report
+
+
+class LineProgress:
+    """Progress as log lines: a stage's start, its end, and at most one line per `interval_s` between."""
+
+    def __init__(self, console: Console, interval_s: float = 30.0) -> None:
+        self.console = console
+        self.interval_s = interval_s
+        self._last_line: dict[str, float] = {}  # stage → when it last printed
+
+    def __call__(self, description: str, completed: int, total: int) -> None:
+        stage = description.split(" ", 1)[0].rstrip(":")
+        now = time.monotonic()
+        starting = stage not in self._last_line
+        finished = completed >= total
+        if not (starting or finished or now - self._last_line[stage] >= self.interval_s):
+            return
+        self._last_line[stage] = now
+        stamp = time.strftime("%H:%M:%S")
+        self.console.print(f"{stamp} {description} {completed}/{max(total, 1)}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

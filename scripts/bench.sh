@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run the benchmarks of docs/performance.md; each prints a table and writes JSON to bench-results/.
+#   ./scripts/bench.sh                       # solver, export, eval, memory (about an hour on 2 CPU cores)
+#   ./scripts/bench.sh solver eval           # just those
+# The solver bench runs at full Llama-3.1-8B shapes when CUDA is present, at 1/8 scale on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+python=.venv/bin/python
+results=bench-results
+mkdir -p "$results"
+benches=("$@")
+[ ${#benches[@]} -eq 0 ] && benches=(solver export eval memory)
+for bench in "${benches[@]}"; do
+    case "$bench" in
+        solver) "$python" bench/bench_solver.py --json "$results/solver.json" ;;
+        export) "$python" bench/bench_export.py --json "$results/export.json" ;;
+        eval) "$python" bench/bench_eval_throughput.py --json "$results/eval_throughput.json" ;;
+        memory) "$python" bench/bench_prune_memory.py --json "$results/prune_memory.json" ;;
+        *) echo "unknown bench '$bench': choose from solver export eval memory" >&2; exit 2 ;;
+    esac
+done

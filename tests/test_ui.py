@@ -1,0 +1,39 @@
+import io
+
+from rich.console import Console
+
+from exporter.ui import LineProgress, stage_progress
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, force_terminal=False, width=200), buffer
+
+
+def test_piped_progress_prints_stage_start_and_end_only():
+    console, buffer = _console()
+    with stage_progress(console) as progress:
+        assert isinstance(progress, LineProgress)
+        for layer in range(1, 31):
+            progress(f"calibrate+prune layer {layer}/30", layer, 30)
+        progress("convert to GGUF", 0, 3)
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[0].endswith("calibrate+prune layer 1/30 1/30")
+    assert lines[1].endswith("calibrate+prune layer 30/30 30/30")
+    assert lines[2].endswith("convert to GGUF 0/3")
+
+
+def test_piped_progress_reports_long_stages_at_the_interval():
+    console, buffer = _console()
+    progress = LineProgress(console, interval_s=0.0)
+    for window in range(5):
+        progress("perplexity windows", window, 8)
+    assert len(buffer.getvalue().splitlines()) == 5
+
+
+def test_disabled_progress_prints_nothing():
+    console, buffer = _console()
+    with stage_progress(console, enabled=False) as progress:
+        progress("load model", 0, 1)
+    assert buffer.getvalue() == ""
