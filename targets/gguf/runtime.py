@@ -11,6 +11,7 @@ import llama_cpp
 import numpy as np
 
 from exporter.errors import SrcrError
+from targets.logits import log_softmax
 
 DEFAULT_N_CTX = 2048
 _SEED = 0
@@ -84,17 +85,18 @@ class LlamaCppRuntime:
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Raw float32 logits [len(tokens), vocab] of one evaluation of the window from an empty cache."""
+        return self._scores(tokens).copy()
+
+    def _scores(self, tokens: Sequence[int]) -> np.ndarray:
+        # A view of llama-cpp-python's buffer: valid until the next evaluation.
         self._check_fits(len(tokens))
         self._llm.reset()
         self._llm.eval(list(tokens))
         # `scores` has n_ctx rows; only the first len(tokens) were written by this evaluation.
-        return self._llm.scores[: len(tokens)].copy()
+        return self._llm.scores[: len(tokens)]
 
     def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
-        logits = self.logits(tokens).astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logits -= np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        return logits.astype(np.float32)
+        return log_softmax(self._scores(tokens))
 
     def generate(self, tokens: Sequence[int], max_new_tokens: int) -> list[int]:
         """Greedy decoding: the arg-max token each step, no sampling and no repetition penalty."""

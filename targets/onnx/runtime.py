@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import SrcrError
+from targets.logits import log_softmax
 from targets.onnx.artifact import (
     FORMAT_KEY,
     MODEL_KEY,
@@ -67,11 +68,6 @@ def _open_session(ort: Any, path: Path, providers: list[str]) -> Any:
         return ort.InferenceSession(str(path), options, providers=providers)
     finally:
         ort.set_default_logger_severity(ORT_DEFAULT_LOG_SEVERITY)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
 
 
 class OrtRuntime:
@@ -132,7 +128,7 @@ class OrtRuntime:
         if len(tokens) == 0:
             raise ValueError("logprobs needs at least one token")
         logits, _ = self._step(tokens, self._empty_cache())
-        return log_softmax(logits.astype(np.float32))
+        return log_softmax(logits)
 
     def generate(self, tokens: Sequence[int], max_new_tokens: int) -> list[int]:
         """Greedy decoding with the KV cache; the end-of-sequence token ends the reply and is not returned."""
