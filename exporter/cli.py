@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from exporter import __version__
-from exporter.ui import stage_progress, stderr_console, user_errors
+from exporter.ui import stage_progress, stderr_console, stdout_console, user_errors
 
 app = typer.Typer(
     name="srcr",
@@ -230,7 +229,7 @@ def export(
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
     else:
-        Console().print(summary_table(manifest))
+        stdout_console().print(summary_table(manifest))
 
 
 def _parse_tolerances(items: list[str]) -> dict[str, float]:
@@ -290,7 +289,7 @@ def verify(
                 _fmt(check.tolerance, ".4f"),
                 status,
             )
-        out = Console()
+        out = stdout_console()
         out.print(table)
         out.print(
             f"device: prompt {speed.get('prompt_tokens_per_s', 0):.1f} tok/s, "
@@ -321,7 +320,7 @@ def compare(
     elif as_csv:
         typer.echo(to_csv(rows), nl=False)
     else:
-        Console().print(render_table(rows))
+        stdout_console().print(render_table(rows))
 
 
 def _split(text: str, cast: type, option: str) -> list[Any]:
@@ -446,7 +445,7 @@ def sweep(
         }
         typer.echo(json.dumps(payload, indent=2))
         return
-    stdout = Console()
+    stdout = stdout_console()
     for table in sweep_tables(summary):
         stdout.print(table)
     stdout.print(summary.sentence)

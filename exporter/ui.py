@@ -22,9 +22,17 @@ from rich.progress import (
 
 from exporter.errors import SrcrError
 
+PIPED_WIDTH = 240  # columns for tables written to a pipe or file, where rich would assume 80
+
 
 def stderr_console() -> Console:
     return Console(stderr=True)
+
+
+def stdout_console() -> Console:
+    """Tables go to stdout; piped into a file they get room enough not to truncate any cell."""
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPED_WIDTH)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 import io
 
 from rich.console import Console
+from rich.table import Table
 
-from exporter.ui import LineProgress, stage_progress
+from exporter.ui import LineProgress, stage_progress, stdout_console
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -37,3 +38,17 @@ def test_disabled_progress_prints_nothing():
     with stage_progress(console, enabled=False) as progress:
         progress("load model", 0, 1)
     assert buffer.getvalue() == ""
+
+
+def test_tables_written_to_a_pipe_are_not_truncated(monkeypatch):
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    console = stdout_console()
+    assert not console.is_terminal
+    table = Table()
+    table.add_column("configuration")
+    name = "smollm2-135m-instruct-sparsegpt-s25-q4-k-m"
+    for _ in range(8):
+        table.add_column("figure")
+    table.add_row(name, *["0.123456"] * 8)
+    console.print(table)
+    assert name in console.file.getvalue()
