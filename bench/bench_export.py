@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rss import GIB, PeakRss, max_rss_bytes  # noqa: E402
 from exporter.pipeline import ExportOptions, StageTimer, run_export  # noqa: E402
+from exporter.ui import quiet_libraries  # noqa: E402
 
 STAGE_ORDER = ("load", "reference", "calibrate_prune", "convert", "quantize", "evaluate")
 
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True, width=120)
