@@ -68,17 +68,19 @@ class LineProgress:
         self.console = console
         self.interval_s = interval_s
         self._last_line: dict[str, float] = {}  # stage → when it last printed
+        self._last_text: dict[str, str] = {}
 
     def __call__(self, description: str, completed: int, total: int) -> None:
         stage = description.split(" ", 1)[0].rstrip(":")
+        text = f"{description} {completed}/{max(total, 1)}"
         now = time.monotonic()
         starting = stage not in self._last_line
         finished = completed >= total
-        if not (starting or finished or now - self._last_line[stage] >= self.interval_s):
+        due = starting or finished or now - self._last_line[stage] >= self.interval_s
+        if not due or self._last_text.get(stage) == text:
             return
-        self._last_line[stage] = now
-        stamp = time.strftime("%H:%M:%S")
-        self.console.print(f"{stamp} {description} {completed}/{max(total, 1)}", highlight=False, soft_wrap=True)
+        self._last_line[stage], self._last_text[stage] = now, text
+        self.console.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -52,3 +52,11 @@ def test_tables_written_to_a_pipe_are_not_truncated(monkeypatch):
     table.add_row(name, *["0.123456"] * 8)
     console.print(table)
     assert name in console.file.getvalue()
+
+
+def test_piped_progress_does_not_repeat_a_line():
+    console, buffer = _console()
+    progress = LineProgress(console)
+    progress("quantize", 211, 211)
+    progress("quantize", 211, 211)
+    assert len(buffer.getvalue().splitlines()) == 1
