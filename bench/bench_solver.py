@@ -18,13 +18,14 @@ head) with 16 samples; `--precision-check` adds emulated TF32/bf16 Hessian input
 each method's reconstruction error on four real SmolLM2-135M layers over lee_background text.
 
     .venv/bin/python bench/bench_solver.py [--device auto|cpu|cuda] [--scale 8] [--samples 16]
-        [--seq-len 2048] [--json out.json] [--precision-check] [--leaf-variants] [--real-layers]
+        [--seq-len 2048] [--repeats 3] [--json out.json] [--precision-check] [--leaf-variants] [--real-layers]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -208,6 +209,16 @@ def run_baseline(spec, shape, weights, activations, samples, device):
     return calibrated - start, time.perf_counter() - calibrated, pruned
 
 
+def median_run(repeats: int, run) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """Median accumulate and solve seconds over `repeats` runs (this machine is noisy); the last result."""
+    hessian_s, solve_s = [], []
+    for _ in range(max(1, repeats)):
+        hessian, solve, pruned = run()
+        hessian_s.append(hessian)
+        solve_s.append(solve)
+    return statistics.median(hessian_s), statistics.median(solve_s), pruned
+
+
 def layer_error(pruned, weights, shape, hessians, tokens) -> float:
     return sum(
         reconstruction_error(weights[name], pruned[name], hessians[input_name], tokens)
@@ -359,6 +370,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=None, help="divide the 8B widths by this (CPU: 8, CUDA: 1)")
     parser.add_argument("--samples", type=int, default=None, help="calibration samples (CPU: 16, CUDA: 128)")
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each solver; medians are reported")
     parser.add_argument("--no-baseline", action="store_true", help="skip the column-by-column baseline")
     parser.add_argument("--precision-check", action="store_true", help="emulated TF32/bf16 Hessian inputs")
     parser.add_argument("--leaf-variants", action="store_true", help="also time each in-leaf solver (default on CUDA)")
@@ -393,7 +405,9 @@ def main() -> None:
 
     rows = []
     for method, spec in SETTINGS:
-        hessian_s, solve_s, pruned = run_engine(spec, shape, weights, activations, samples, device)
+        hessian_s, solve_s, pruned = median_run(
+            args.repeats, lambda spec=spec: run_engine(spec, shape, weights, activations, samples, device)
+        )
         row = {
             "method": method,
             "pattern": pattern_label(spec),
@@ -407,7 +421,9 @@ def main() -> None:
             "error": layer_error(pruned, weights, shape, yardstick, tokens),
         }
         if method == "sparsegpt" and not args.no_baseline:
-            base_hessian_s, base_solve_s, base_pruned = run_baseline(spec, shape, weights, activations, samples, device)
+            base_hessian_s, base_solve_s, base_pruned = median_run(
+                args.repeats, lambda spec=spec: run_baseline(spec, shape, weights, activations, samples, device)
+            )
             row |= {
                 "baseline_hessian_s": base_hessian_s,
                 "baseline_solve_s": base_solve_s,
