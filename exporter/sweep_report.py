@@ -16,6 +16,20 @@ def _png_data_uri(figure: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def is_joint(record: Record) -> bool:
+    """Pruned and quantized, as opposed to quantization alone."""
+    return bool(record["sparsity"] > 0 or record["pattern"])
+
+
+def scatter_groups(records: list[Record]) -> dict[str, list[Record]]:
+    """The scatter plots' two series, each holding the records that have an Sr."""
+    measured = [r for r in records if r["sr"] is not None]
+    return {
+        "quantization only": [r for r in measured if not is_joint(r)],
+        "pruning + quantization": [r for r in measured if is_joint(r)],
+    }
+
+
 def _scatter(records: list[Record], x_key: str, x_label: str, front: set[str], x_scale: float = 1.0) -> str:
     import matplotlib
 
@@ -23,8 +37,7 @@ def _scatter(records: list[Record], x_key: str, x_label: str, front: set[str], x
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    for joint, marker, label in ((False, "o", "quantization only"), (True, "^", "pruning + quantization")):
-        points = [r for r in records if (r["sparsity"] > 0 or r["pattern"]) == joint and r["sr"] is not None]
+    for (label, points), marker in zip(scatter_groups(records).items(), ("o", "^"), strict=True):
         axes.scatter([r[x_key] * x_scale for r in points], [r["sr"] for r in points], marker=marker, label=label)
         for record in points:
             axes.annotate(record["label"], (record[x_key] * x_scale, record["sr"]), fontsize=7, alpha=0.8)
@@ -80,7 +93,7 @@ def render_report(
     title: str,
 ) -> str:
     ordered = sorted(records, key=lambda r: -(r["srcr"] or 0))
-    quant_only = [r for r in records if not (r["sparsity"] > 0 or r["pattern"]) and r["sr"] is not None]
+    quant_only = scatter_groups(records)["quantization only"]
     best_quant_only = max(quant_only, key=lambda r: r["sr"]) if quant_only else None
     table_rows = [
         [

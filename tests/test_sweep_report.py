@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 
 from exporter.pareto import equal_tcr_comparison, pareto_front, recommend, recommendation_sentence
-from exporter.sweep_report import render_report
+from exporter.sweep_report import render_report, scatter_groups
 
 
 def records():
@@ -106,3 +106,12 @@ def test_report_renders_in_headless_chromium(page, tmp_path):
         capture_output=True,
     )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_scatter_draws_quantization_only_and_joint_points():
+    # A dense record has pattern None: it must land in the quantization-only series, not vanish.
+    groups = scatter_groups(records())
+    assert [r["name"] for r in groups["quantization only"]] == ["s0-q4", "s0-q3", "s0-q8"]
+    assert [r["name"] for r in groups["pruning + quantization"]] == ["s0.25-q4"]
+    pattern_only = {**records()[0], "name": "2:4-q4", "sparsity": 0.0, "pattern": "2:4"}
+    assert scatter_groups([pattern_only])["pruning + quantization"] == [pattern_only]
