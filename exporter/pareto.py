@@ -84,14 +84,40 @@ def equal_tcr_comparison(records: list[Record], digits: int = 6) -> list[Record]
     return rows
 
 
-def recommendation_sentence(record: Record, budget_mb: float | None, min_retention: float | None) -> str:
+def no_smaller_unpruned(record: Record, records: list[Record]) -> Record | None:
+    """For a pruned pick, the best quantization-only configuration whose file is no larger, if any.
+
+    Formats that store pruned zeros at full size (GGUF's block quants, ONNX's MatMulNBits) make
+    a pruned file exactly as large as the unpruned one of the same type; SrCr, built on TCr,
+    still credits the pruning.
+    """
+    if not (record["sparsity"] > 0 or record.get("pattern")):
+        return None
+    rivals = [
+        r
+        for r in records
+        if r.get("sr") is not None and not (r["sparsity"] > 0 or r.get("pattern")) and r["bytes"] <= record["bytes"]
+    ]
+    return max(rivals, key=lambda r: (r["sr"], -r["bytes"])) if rivals else None
+
+
+def recommendation_sentence(
+    record: Record, budget_mb: float | None, min_retention: float | None, records: list[Record] | None = None
+) -> str:
     if budget_mb is not None:
         goal = f"the highest Sr within {budget_mb:g} MB"
     elif min_retention is not None:
         goal = f"the most compression with Sr ≥ {min_retention:g}"
     else:
         goal = "the highest SrCr"
-    return (
+    sentence = (
         f"Recommended for {goal}: {record['name']} (Sr {record['sr']:.4f}, TCr {record['tcr']:.4f}, "
-        f"SrCr {record['srcr']:.4f}, {record['bytes'] / 1e6:.1f} MB)."
+        f"SrCr {record['srcr']:.4f}, {record['bytes'] / 1e6:.1f} MB)"
     )
+    rival = no_smaller_unpruned(record, records or [])
+    if rival is not None:
+        sentence += (
+            f", though the unpruned {rival['name']} is no larger on disk ({rival['bytes'] / 1e6:.1f} MB, "
+            f"Sr {rival['sr']:.4f})"
+        )
+    return sentence + "."

@@ -279,7 +279,7 @@ def summarize(
         front_tcr=pareto_front(records, "tcr"),
         front_bytes=pareto_front(records, "bytes", higher_is_better=False),
         recommended=chosen,
-        sentence=recommendation_sentence(chosen, budget_mb, min_retention),
+        sentence=recommendation_sentence(chosen, budget_mb, min_retention, records),
         equal_tcr=equal_tcr_comparison(records),
     )
 

@@ -115,3 +115,14 @@ def test_scatter_draws_quantization_only_and_joint_points():
     assert [r["name"] for r in groups["pruning + quantization"]] == ["s0.25-q4"]
     pattern_only = {**records()[0], "name": "2:4-q4", "sparsity": 0.0, "pattern": "2:4"}
     assert scatter_groups([pattern_only])["pruning + quantization"] == [pattern_only]
+
+
+def test_a_pruned_pick_names_the_unpruned_file_that_is_no_larger():
+    rows = records()  # s0.25-q4 is 80 MB, as large as the unpruned s0-q4 (Sr 0.9)
+    pruned = next(r for r in rows if r["name"] == "s0.25-q4")
+    sentence = recommendation_sentence(pruned, None, None, rows)
+    assert sentence.endswith("though the unpruned s0-q4 is no larger on disk (80.0 MB, Sr 0.9000).")
+    unpruned = next(r for r in rows if r["name"] == "s0-q8")
+    assert "though" not in recommendation_sentence(unpruned, None, None, rows)
+    smaller_pruned = {**pruned, "bytes": 50e6}
+    assert "though" not in recommendation_sentence(smaller_pruned, None, None, rows)
