@@ -275,3 +275,18 @@ def test_mixed_sliding_and_full_attention_needs_samples_inside_the_window():
 def test_sparsegpt_needs_m_to_divide_its_block():
     with pytest.raises(SrcrError, match="pick an M that divides 128"):
         prune_model(tiny_llama(), calibration_ids(), PruneSpec("sparsegpt", 0.0, (1, 3)))
+
+
+@pytest.mark.parametrize(("spec", "passes"), [(PruneSpec("wanda", 0.0), 1), (PruneSpec("wanda", 0.5), 2)])
+def test_each_layer_runs_once_per_sample_when_nothing_is_pruned(spec, passes):
+    model = tiny_llama()
+    ids = calibration_ids()
+    calls = {index: 0 for index in range(len(model.model.layers))}
+    handles = [
+        layer.register_forward_hook(lambda *args, index=index: calls.__setitem__(index, calls[index] + 1))
+        for index, layer in enumerate(model.model.layers)
+    ]
+    prune_model(model, ids, spec)
+    for handle in handles:
+        handle.remove()
+    assert calls == {index: passes * ids.shape[0] for index in calls}

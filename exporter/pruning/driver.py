@@ -63,14 +63,16 @@ def prune_model(
         for index, layer in enumerate(layers):
             home = _device_of(layer)
             layer.to(target)
-            for group in calibrate_layer(layer, inputs, layer_kwargs, pruner_class):
+            # Unpruned, the calibration pass already computes the next layer's inputs: keep them.
+            outputs = None if pruning else torch.empty_like(inputs)
+            for group in calibrate_layer(layer, inputs, layer_kwargs, pruner_class, outputs):
                 if pruning:
                     group.prune(spec)
                 for name, linear in group.linears.items():
                     full_name = f"{layer_names[index]}.{name}"
                     imatrix[f"{full_name}.weight"] = group.mean_square.cpu().numpy()
                     per_layer.append(_sparsity_row(index, full_name, linear.weight))
-            inputs = run_layer(layer, inputs, layer_kwargs)
+            inputs = run_layer(layer, inputs, layer_kwargs) if outputs is None else outputs
             layer.to(home)
             progress(f"calibrate+prune layer {index + 1}/{len(layers)}", index + 1, len(layers))
         del inputs
@@ -140,11 +142,13 @@ def calibrate_layer(
     inputs: torch.Tensor,
     layer_kwargs: dict[str, Any],
     pruner_class: type[InputStatistics],
+    outputs: torch.Tensor | None = None,
 ) -> list[InputStatistics]:
     """Run the samples through `layer`, feeding each distinct linear input to one pruner.
 
     Linears that receive the very same tensor in a forward (same storage, shape and strides)
-    form one group; groups are found in the first sample that calls a linear.
+    form one group; groups are found in the first sample that calls a linear. With `outputs`
+    (shaped like `inputs`), the layer's outputs are written there too.
     """
     linears = {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
     if not linears:
@@ -165,7 +169,9 @@ def calibrate_layer(
     handles = [module.register_forward_hook(record(name)) for name, module in linears.items()]
     try:
         for sample in range(inputs.shape[0]):
-            layer(inputs[sample : sample + 1], **layer_kwargs)
+            output = layer(inputs[sample : sample + 1], **layer_kwargs)
+            if outputs is not None:
+                outputs[sample] = _hidden_states(output)[0]
             fresh = [name for name in linears if name in seen and name not in grouped]
             for members in _same_input(fresh, seen):
                 group = pruner_class({name: linears[name] for name in members})
@@ -196,9 +202,13 @@ def run_layer(layer: nn.Module, inputs: torch.Tensor, layer_kwargs: dict[str, An
     """The layer's output for every sample: the next layer's inputs."""
     outputs = torch.empty_like(inputs)
     for sample in range(inputs.shape[0]):
-        output = layer(inputs[sample : sample + 1], **layer_kwargs)
-        outputs[sample] = (output[0] if isinstance(output, tuple) else output)[0]
+        outputs[sample] = _hidden_states(layer(inputs[sample : sample + 1], **layer_kwargs))[0]
     return outputs
+
+
+def _hidden_states(output: Any) -> torch.Tensor:
+    # Decoder layers return the hidden states alone or first in a tuple, depending on the version.
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _check_calibration(calib_ids: torch.Tensor) -> None:
