@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from exporter import __version__
@@ -332,25 +334,48 @@ def _split(text: str, cast: type, option: str) -> list[Any]:
         raise SrcrError(f"--{option} {text!r} is not a comma-separated list; e.g. --{option} 0,0.25,0.5") from None
 
 
+def common_name_prefix(names: list[str]) -> str:
+    """The shared leading part of the configurations' names, cut at a '-' (the model's slug)."""
+    if len(names) < 2:
+        return ""
+    prefix = os.path.commonprefix(names)
+    return prefix[: prefix.rfind("-") + 1]
+
+
 def sweep_tables(summary: Any) -> list[Table]:
-    table = Table(title="srcr sweep (sorted by SrCr; ◆ Pareto front by TCr, ◇ by bytes)", title_justify="left")
-    for header in ("configuration", "sparsity", "quant", "MB", "TCr", "actual", "KLD", "Sr", "SrCr", "front"):
-        table.add_column(header, justify="left" if header in ("configuration", "quant") else "right")
+    prefix = common_name_prefix([record["name"] for record in summary.records])
+    title = "srcr sweep (sorted by SrCr; ◆ Pareto front by TCr, ◇ by bytes; retention per evaluator)"
+    # No vertical rules: twelve columns then fit a 120-column terminal.
+    table = Table(
+        title=f"{prefix}* {title}" if prefix else title,
+        title_justify="left",
+        box=box.SIMPLE_HEAVY,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    headers = ("configuration", "quant", "MB", "TCr", "actual", "KLD", "ppl", "semantic", "last-word")
+    shortened = [record["name"].removeprefix(prefix) for record in summary.records]
+    for header in (*headers, "Sr", "SrCr", "front"):
+        justify = "left" if header in ("configuration", "quant") else "right"
+        # Names are how files are found: narrow terminals squeeze the figures, never the names.
+        min_width = max(map(len, shortened), default=0) if header == "configuration" else None
+        table.add_column(header, justify=justify, min_width=min_width)
     for record in sorted(summary.records, key=lambda r: -(r["srcr"] or 0)):
         marks = ("◆" if record["name"] in summary.front_tcr else "") + (
             "◇" if record["name"] in summary.front_bytes else ""
         )
         style = "bold green" if record["name"] == summary.recommended["name"] else None
+        retention = record["retention"]
         table.add_row(
-            record["name"],
-            record["pattern"] or f"{record['sparsity']:.0%}",
+            record["name"].removeprefix(prefix),
             record["quant"],
             f"{record['bytes'] / 1e6:.1f}",
             f"{record['tcr']:.4f}",
             f"{record['actual']:.3f}",
             _fmt(record["kld"], ".4f"),
-            f"{record['sr']:.4f}",
-            f"{record['srcr']:.4f}",
+            *(_fmt(retention.get(name), ".3f") for name in ("perplexity", "semantic", "last_word")),
+            _fmt(record["sr"], ".4f"),
+            _fmt(record["srcr"], ".4f"),
             marks,
             style=style,
         )
@@ -360,9 +385,9 @@ def sweep_tables(summary: Any) -> list[Table]:
     for row in summary.equal_tcr:
         equal.add_row(
             f"{row['tcr']:.4f}",
-            row["quant_only"],
+            row["quant_only"].removeprefix(prefix),
             f"{row['quant_only_sr']:.4f}",
-            row["joint"],
+            row["joint"].removeprefix(prefix),
             f"{row['joint_sr']:.4f}",
             _fmt(row["relative_difference"], "+.2%"),
         )

@@ -126,3 +126,26 @@ def test_a_pruned_pick_names_the_unpruned_file_that_is_no_larger():
     assert "though" not in recommendation_sentence(unpruned, None, None, rows)
     smaller_pruned = {**pruned, "bytes": 50e6}
     assert "though" not in recommendation_sentence(smaller_pruned, None, None, rows)
+
+
+def test_sweep_table_shortens_names_to_what_differs_and_shows_each_retention():
+    import io
+
+    from rich.console import Console
+
+    from exporter.cli import common_name_prefix, sweep_tables
+    from exporter.sweep import SweepSummary
+
+    rows = [{**r, "name": f"tiny-llama-{r['name']}"} for r in records()]
+    rows[0]["retention"] = {"perplexity": 0.9, "semantic": 0.85}  # no last-word figure for this one
+    assert common_name_prefix([r["name"] for r in rows]) == "tiny-llama-"
+    assert common_name_prefix(["only-one"]) == ""
+    summary = SweepSummary(rows, {"tiny-llama-s0-q8"}, set(), rows[3], "sentence", equal_tcr_comparison(rows))
+    console = Console(file=io.StringIO(), width=120)
+    for table in sweep_tables(summary):
+        console.print(table)
+    text = console.file.getvalue()
+    assert "tiny-llama-* srcr sweep" in text
+    line = next(row for row in text.splitlines() if row.lstrip().startswith("s0-q4 "))
+    assert line.split()[6:9] == ["0.900", "0.850", "-"]
+    assert "s0.25-q4" in text and "tiny-llama-s0.25-q4" not in text
