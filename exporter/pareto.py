@@ -14,6 +14,11 @@ from exporter.errors import SrcrError
 Record = dict[str, Any]
 
 
+def is_joint(record: Record) -> bool:
+    """Pruned and quantized, as opposed to quantization alone (a dense record's pattern is None)."""
+    return bool(record["sparsity"] > 0 or record.get("pattern"))
+
+
 def pareto_front(records: list[Record], compression_key: str, higher_is_better: bool = True) -> set[str]:
     """Names of the records that no other record dominates in (Sr, compression).
 
@@ -62,7 +67,7 @@ def equal_tcr_comparison(records: list[Record], digits: int = 6) -> list[Record]
     for record in records:
         if record.get("sr") is None:
             continue
-        kind = "joint" if record["sparsity"] > 0 else "quant_only"
+        kind = "joint" if is_joint(record) else "quant_only"
         levels[round(record["tcr"], digits)][kind].append(record)
     rows = []
     for level in sorted(levels):
@@ -91,13 +96,9 @@ def no_smaller_unpruned(record: Record, records: list[Record]) -> Record | None:
     a pruned file exactly as large as the unpruned one of the same type; SrCr, built on TCr,
     still credits the pruning.
     """
-    if not (record["sparsity"] > 0 or record.get("pattern")):
+    if not is_joint(record):
         return None
-    rivals = [
-        r
-        for r in records
-        if r.get("sr") is not None and not (r["sparsity"] > 0 or r.get("pattern")) and r["bytes"] <= record["bytes"]
-    ]
+    rivals = [r for r in records if r.get("sr") is not None and not is_joint(r) and r["bytes"] <= record["bytes"]]
     return max(rivals, key=lambda r: (r["sr"], -r["bytes"])) if rivals else None
 
 

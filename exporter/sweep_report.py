@@ -7,18 +7,13 @@ import html
 import io
 from typing import Any
 
-Record = dict[str, Any]
+from exporter.pareto import Record, is_joint
 
 
 def _png_data_uri(figure: Any) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def is_joint(record: Record) -> bool:
-    """Pruned and quantized, as opposed to quantization alone."""
-    return bool(record["sparsity"] > 0 or record["pattern"])
 
 
 def scatter_groups(records: list[Record]) -> dict[str, list[Record]]:
