@@ -58,6 +58,22 @@ def make_tiny_llama(tokenizer, seed: int = 0, **overrides):
     return LlamaForCausalLM(config).eval()
 
 
+def magnitude_pruned_copy(model, sparsity: float):
+    """A copy of `model` with each decoder linear's smallest-magnitude weights zeroed: known damage for evaluators."""
+    import copy
+
+    import torch
+
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in pruned.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = module.weight
+                threshold = weight.abs().flatten().kthvalue(int(sparsity * weight.numel())).values
+                weight[weight.abs() <= threshold] = 0.0
+    return pruned
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm_tokenizer) -> Path:
     """A saved tiny random Llama with SmolLM2's tokenizer: a complete local model folder for the CLI."""

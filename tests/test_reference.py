@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import magnitude_pruned_copy
 
 from evaluators.embedder import load_embedder
 from evaluators.lastword import last_word_items
@@ -96,7 +97,7 @@ def identity_figures(pack, tiny_model, tokenizer, embedder):
 
 @pytest.fixture(scope="module")
 def heavy_figures(pack, tiny_model, tokenizer, embedder):
-    return evaluate(TorchRuntime(_magnitude_pruned(tiny_model, 0.9), tokenizer), pack, embedder)
+    return evaluate(TorchRuntime(magnitude_pruned_copy(tiny_model, 0.9), tokenizer), pack, embedder)
 
 
 def _noisy(model, scale: float, seed: int):
@@ -108,17 +109,6 @@ def _noisy(model, scale: float, seed: int):
                 weight = module.weight
                 weight += scale * weight.std() * torch.randn(weight.shape, generator=generator)
     return damaged
-
-
-def _magnitude_pruned(model, sparsity: float):
-    pruned = copy.deepcopy(model)
-    with torch.no_grad():
-        for module in pruned.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                weight = module.weight
-                threshold = weight.abs().flatten().kthvalue(int(sparsity * weight.numel())).values
-                weight[weight.abs() <= threshold] = 0.0
-    return pruned
 
 
 def _scored_logprobs(model, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

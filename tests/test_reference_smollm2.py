@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import magnitude_pruned_copy
 
 from evaluators.distribution import scored_rows
 from evaluators.embedder import load_embedder
@@ -46,17 +45,6 @@ def pack(smollm2, embedder):
     return build_reference_pack(base, SETTINGS, read_text(default_eval_file()), load_prompts()[:6], MC_TASKS, embedder)
 
 
-def _magnitude_pruned(model, sparsity: float):
-    pruned = copy.deepcopy(model)
-    with torch.no_grad():
-        for module in pruned.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                weight = module.weight
-                threshold = weight.abs().flatten().kthvalue(int(sparsity * weight.numel())).values
-                weight[weight.abs() <= threshold] = 0.0
-    return pruned
-
-
 def test_dense_model_against_its_own_pack_retains_everything(smollm2, pack, embedder):
     figures = evaluate(TorchRuntime(*smollm2), pack, embedder)
     retention = figures["retention"]
@@ -70,7 +58,7 @@ def test_dense_model_against_its_own_pack_retains_everything(smollm2, pack, embe
 
 def test_pruning_lowers_sr_and_top_k_kl_tracks_the_full_kl(smollm2, pack, embedder):
     model, tokenizer = smollm2
-    pruned = _magnitude_pruned(model, 0.5)
+    pruned = magnitude_pruned_copy(model, 0.5)
     figures = evaluate(TorchRuntime(pruned, tokenizer), pack, embedder)
     assert figures["sr"] < 0.9
     assert figures["perplexity"]["compressed"] > figures["perplexity"]["base"]
