@@ -26,9 +26,10 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.rss import GIB, PeakRss, max_rss_bytes  # noqa: E402
+from bench.rss import GIB, PeakRss  # noqa: E402
 from exporter.pipeline import ExportOptions, StageTimer, run_export  # noqa: E402
 from exporter.ui import quiet_libraries  # noqa: E402
+from exporter.verify import peak_rss_bytes  # noqa: E402
 
 STAGE_ORDER = ("load", "reference", "calibrate_prune", "convert", "quantize", "evaluate")
 
@@ -63,7 +64,7 @@ def run(options: ExportOptions) -> dict:
         "stages": stages,
         "wall_seconds": wall,
         "unattributed_seconds": wall - sum(stage["seconds"] for stage in stages),
-        "peak_rss_gib": max_rss_bytes() / GIB,
+        "peak_rss_gib": peak_rss_bytes() / GIB,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }

@@ -25,8 +25,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.rss import GIB, PeakRss, max_rss_bytes  # noqa: E402
+from bench.rss import GIB, PeakRss  # noqa: E402
 from exporter.pruning import PruneSpec, parse_pattern, prune_model  # noqa: E402
+from exporter.verify import peak_rss_bytes  # noqa: E402
 
 LLAMA_32_1B = {
     "vocab_size": 128256,
@@ -88,7 +89,7 @@ def main() -> None:
         "rss_with_model_gib": rss_model / GIB,
         "peak_rss_while_pruning_gib": peak.peak / GIB,
         "pruning_overhead_gib": (peak.peak - rss_model) / GIB,
-        "ru_maxrss_gib": max_rss_bytes() / GIB,
+        "ru_maxrss_gib": peak_rss_bytes() / GIB,
         "torch_threads": torch.get_num_threads(),
     }
     table = Table(title="peak memory while pruning a random 1.24B Llama on CPU")

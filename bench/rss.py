@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import threading
 from collections.abc import Callable
 
@@ -14,8 +13,8 @@ GIB = 1024**3
 class PeakRss:
     """Highest RSS seen while the block runs; with `phase`, also the highest per phase name.
 
-    `phase` is polled at every sample, so a phase shorter than the interval may be missed; the
-    overall peak is also taken from the kernel's own maximum (ru_maxrss), which misses nothing.
+    `phase` is polled at every sample, so a phase shorter than the interval may be missed; for the
+    overall peak the benches also read the kernel's own maximum (exporter.verify.peak_rss_bytes).
     """
 
     def __init__(self, interval_s: float = 0.02, phase: Callable[[], str | None] | None = None):
@@ -48,8 +47,3 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self._record()
-
-
-def max_rss_bytes() -> int:
-    """The kernel's peak RSS of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -42,9 +42,10 @@ def _check_file(folder: Path, entry: dict[str, Any], what: str) -> Path:
     return path
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_bytes() -> int:
+    """The kernel's peak resident memory of this process so far (macOS reports bytes, Linux KiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def verify(
@@ -80,4 +81,4 @@ def verify(
     finally:
         runtime.close()
     checks = compare_figures(evaluation, measured, limits)
-    return VerifyOutcome(manifest=manifest, checks=checks, measured=measured, peak_rss_mb=_peak_rss_mb())
+    return VerifyOutcome(manifest=manifest, checks=checks, measured=measured, peak_rss_mb=peak_rss_bytes() / (1 << 20))
