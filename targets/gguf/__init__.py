@@ -77,11 +77,12 @@ class GGUFTarget:
                 f"{spec.quant_type} needs an importance matrix; export with calibration data "
                 "or choose a K-quant such as Q2_K"
             )
-        steps = 2 if spec.quant_type in ("F32", "F16") else 3
+        unquantized = spec.quant_type in ("F32", "F16")
+        steps = 2 if unquantized else 3
         progress("convert to GGUF", 0, steps)
         stage_seconds: dict[str, float] = {}
         started = time.perf_counter()
-        if spec.quant_type in ("F32", "F16"):
+        if unquantized:
             convert_to_gguf(model, tokenizer, out, spec.quant_type, hints)
             _check_loads(out)
             f16_bytes = f16_file_bytes(out)
@@ -100,7 +101,7 @@ class GGUFTarget:
                 )
         progress("measure", steps - 1, steps)
         mix = tensor_type_mix(out)
-        stage_seconds["quantize" if "convert" in stage_seconds else "convert"] = time.perf_counter() - started
+        stage_seconds["convert" if unquantized else "quantize"] = time.perf_counter() - started
         result = ExportResult(
             artifact=out,
             artifact_bytes=out.stat().st_size,
