@@ -49,12 +49,12 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from evaluators.embedder import load_embedder  # noqa: E402
-from evaluators.reference import ReferencePack, evaluate  # noqa: E402
-from exporter.errors import SrcrError  # noqa: E402
-from exporter.manifest import read_manifest  # noqa: E402
-from exporter.registry import get_target  # noqa: E402
-from targets.base import Runtime  # noqa: E402
+from srcr.base.errors import SrcrError  # noqa: E402
+from srcr.base.runtime import Runtime  # noqa: E402
+from srcr.evaluators.embedder import load_embedder  # noqa: E402
+from srcr.evaluators.reference import ReferencePack, evaluate  # noqa: E402
+from srcr.exporter.manifest import read_manifest  # noqa: E402
+from srcr.targets.registry import get_target  # noqa: E402
 
 FORMATS = ("gguf", "onnx")
 SUFFIXES = {"gguf": ".gguf", "onnx": ".onnx"}
@@ -69,9 +69,9 @@ def reference_pack_for(artifact: Path) -> Path:
     """The pack the artifact's manifest names (a sweep shares one), else `<name>.reference.npz` beside it."""
     manifest_path = artifact.with_name(f"{artifact.stem}.manifest.json")
     if manifest_path.is_file():
-        evaluation = read_manifest(manifest_path).get("evaluation") or {}
-        if "reference_pack" in evaluation:
-            return artifact.with_name(evaluation["reference_pack"]["file"])
+        evaluation = read_manifest(manifest_path).evaluation
+        if evaluation is not None:
+            return artifact.with_name(evaluation.reference_pack.file)
     return artifact.with_name(f"{artifact.stem}.reference.npz")
 
 
@@ -88,7 +88,7 @@ def check_artifact(artifact: Path, fmt: str) -> Path:
 
 def export_command(fmt: str, out: Path, name: str, model: str | None, extra: Sequence[str]) -> list[str]:
     """`srcr export` for a dense 4-bit artifact with its reference pack (evaluation stays on)."""
-    command = [sys.executable, "-c", "from exporter.cli import app; app(prog_name='srcr')", "export"]
+    command = [sys.executable, "-c", "from srcr.exporter.cli import app; app(prog_name='srcr')", "export"]
     command += ["--sparsity", "0", "--bits", "4", "--format", fmt, "--out", str(out), "--name", name]
     if model:
         command += ["--model", model]
@@ -117,38 +117,61 @@ def build_artifacts(out: Path, model: str | None, extra: Sequence[str], console:
 
 
 class RawLlamaCpp:
-    """llama-cpp-python's Llama with the GGUF runtime's own settings, driven without our runtime class."""
+    """llama.cpp's C API driven directly, with the GGUF runtime's model and context settings: every window
+    decoded in one batch with logits for every position, as llama-perplexity does."""
 
     def __init__(self, artifact: Path, runtime: Any) -> None:
-        import llama_cpp
+        from llama_cpp import llama_cpp as capi
 
-        # The evaluators' runtime leaves n_batch at the library default; so does this.
-        self.llm = llama_cpp.Llama(
-            model_path=str(artifact),
-            n_ctx=runtime.n_ctx,
-            n_threads=runtime.n_threads,
-            n_threads_batch=runtime.n_threads,
-            n_gpu_layers=runtime.n_gpu_layers,
-            logits_all=True,
-            verbose=False,
-        )
+        self.capi = capi
+        params = capi.llama_model_default_params()
+        params.n_gpu_layers = runtime.n_gpu_layers
+        params.use_extra_bufts = runtime.cpu_buffers.use_extra_buffers
+        self.model = capi.llama_model_load_from_file(str(artifact).encode(), params)
+        context = capi.llama_context_default_params()
+        context.n_ctx = context.n_batch = runtime.context_length
+        context.n_ubatch = min(512, runtime.context_length)
+        context.n_threads = context.n_threads_batch = runtime.n_threads
+        self.ctx = capi.llama_init_from_model(self.model, context)
+        self.n_vocab = capi.llama_vocab_n_tokens(capi.llama_model_get_vocab(self.model))
+        self.n_past = 0
+
+    def _decode(self, tokens: list[int], all_logits: bool) -> np.ndarray:
+        capi = self.capi
+        batch = capi.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for index, token in enumerate(tokens):
+                batch.token[index] = token
+                batch.pos[index] = self.n_past + index
+                batch.n_seq_id[index] = 1
+                batch.seq_id[index][0] = 0
+                batch.logits[index] = all_logits or index == len(tokens) - 1
+            batch.n_tokens = len(tokens)
+            capi.llama_decode(self.ctx, batch)
+        finally:
+            capi.llama_batch_free(batch)
+        self.n_past += len(tokens)
+        rows = len(tokens) if all_logits else 1
+        return np.ctypeslib.as_array(capi.llama_get_logits(self.ctx), shape=(rows, self.n_vocab)).copy()
+
+    def _reset(self) -> None:
+        self.capi.llama_memory_clear(self.capi.llama_get_memory(self.ctx), True)
+        self.n_past = 0
 
     def window_logits(self, tokens: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(tokens)  # copies every position's logits into llm.scores
-        return self.llm.scores[: len(tokens)]
+        self._reset()
+        return self._decode(tokens, all_logits=True)
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(tokens)
-        return self.llm.scores[self.llm.n_tokens - 1]
+        self._reset()
+        return self._decode(tokens, all_logits=False)[-1]
 
     def step(self, token: int) -> np.ndarray:
-        self.llm.eval([token])
-        return self.llm.scores[self.llm.n_tokens - 1]
+        return self._decode([token], all_logits=False)[-1]
 
     def close(self) -> None:
-        self.llm.close()
+        self.capi.llama_free(self.ctx)
+        self.capi.llama_model_free(self.model)
 
 
 class RawOrt:
@@ -158,7 +181,8 @@ class RawOrt:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # as the runtime sets it; threads stay at ONNX Runtime's defaults there too
+        options.log_severity_level = 3  # as the runtime sets it
+        options.intra_op_num_threads = runtime.threads
         self.session = ort.InferenceSession(str(artifact), options, providers=runtime.info()["providers"])
         self.past = {
             item.name: (item.shape[1], item.shape[3], ORT_DTYPES[item.type])
@@ -366,7 +390,7 @@ def throughput_table(results: Sequence[dict[str, Any]]) -> Table:
 
 
 def evaluate_table(results: Sequence[dict[str, Any]]) -> Table:
-    table = Table(title="evaluators.reference.evaluate(): wall time by stage (one warm run)")
+    table = Table(title="srcr.evaluators.reference.evaluate(): wall time by stage (one warm run)")
     table.add_column("runtime")
     table.add_column("total s", justify="right")
     table.add_column("stages (s)")

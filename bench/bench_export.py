@@ -27,9 +27,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rss import GIB, PeakRss  # noqa: E402
-from exporter.pipeline import ExportOptions, StageTimer, run_export  # noqa: E402
-from exporter.ui import quiet_libraries  # noqa: E402
-from exporter.verify import peak_rss_bytes  # noqa: E402
+from srcr.exporter.pipeline import ExportOptions, StageTimer, run_export  # noqa: E402
+from srcr.exporter.ui import quiet_libraries  # noqa: E402
+from srcr.exporter.verify import peak_rss_bytes  # noqa: E402
 
 STAGE_ORDER = ("load", "reference", "calibrate_prune", "convert", "quantize", "evaluate")
 
@@ -39,7 +39,7 @@ def run(options: ExportOptions) -> dict:
     timer = StageTimer()
     started = time.perf_counter()
     with PeakRss(phase=lambda: timer.current) as peak:
-        manifest = run_export(options, timer=timer)
+        manifest = run_export(options, timer=timer).as_dict()
     wall = time.perf_counter() - started
     seconds = manifest["timings_s"]
     # convert and quantize run inside the single "export" stage the timer sees while it runs.

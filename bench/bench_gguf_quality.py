@@ -25,15 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.calibration import default_calibration_file, default_eval_file, read_text  # noqa: E402
-from exporter.models import HINTS_FILE, ensure_default_checkpoint  # noqa: E402
-from targets.gguf import GGUFTarget  # noqa: E402
+from srcr.exporter.calibration import calibration_text, evaluation_text  # noqa: E402
+from srcr.exporter.models import HINTS_FILE, ensure_default_checkpoint  # noqa: E402
+from srcr.targets.gguf.target import GGUFTarget  # noqa: E402
 
 WINDOW = 512
 
 
-def token_windows(tokenizer, path: Path, window: int, limit: int | None = None) -> list[list[int]]:
-    ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
+def token_windows(tokenizer, text: str, window: int, limit: int | None = None) -> list[list[int]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     windows = [ids[start : start + window] for start in range(0, len(ids) - window + 1, window)]
     return windows[:limit] if limit else windows
 
@@ -117,13 +117,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     target = GGUFTarget()
-    eval_windows = token_windows(tokenizer, default_eval_file(), WINDOW)
+    eval_windows = token_windows(tokenizer, evaluation_text(None, None).text, WINDOW)
     report: dict = {"model": folder.name, "eval": "lee.cor", "window": WINDOW, "n_windows": len(eval_windows)}
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         reference_path = Path(tmp) / "f32.gguf"
-        target.export(model, tokenizer, target.resolve_quant(None, "F32"), reference_path, hints=hints)
+        target.export(model, tokenizer, target.resolve_quant(None, "F32", {}), reference_path, hints=hints)
         reference = target.open_runtime(reference_path, device="cpu")
         parity_window = eval_windows[0]
         exact = torch_logprobs(model, parity_window)
@@ -141,11 +141,11 @@ def main() -> None:
         report["f32_gguf"] = evaluate(reference, reference, eval_windows)
 
         log("F32 reference evaluated")
-        calib_windows = token_windows(tokenizer, default_calibration_file(), WINDOW, args.calib_windows)
+        calib_windows = token_windows(tokenizer, calibration_text(None, None).text, WINDOW, args.calib_windows)
         imatrix = collect_imatrix(model, calib_windows, include_lm_head=args.lm_head_imatrix)
         report["imatrix"] = {"calibration": "lee_background.cor", "tokens": WINDOW * len(calib_windows)}
 
-        spec = target.resolve_quant(None, args.quant_type)
+        spec = target.resolve_quant(None, args.quant_type, {})
         for label, matrix in (("no_imatrix", None), ("imatrix", imatrix)):
             log(f"export {spec.quant_type} {label}")
             path = Path(tmp) / f"{label}.gguf"
@@ -155,7 +155,6 @@ def main() -> None:
                 **evaluate(runtime, reference, eval_windows),
                 "bits_per_weight": result.bits_per_weight,
                 "artifact_bytes": result.artifact_bytes,
-                "f16_bytes": result.f16_bytes,
                 "type_mix": result.quantization["type_mix"],
                 "imatrix_entries": result.quantization["imatrix_entries"],
             }

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.calibration import default_eval_file, read_text  # noqa: E402
-from exporter.models import ensure_default_checkpoint  # noqa: E402
-from targets.onnx import ONNXTarget  # noqa: E402
+from srcr.exporter.calibration import evaluation_text  # noqa: E402
+from srcr.exporter.models import ensure_default_checkpoint  # noqa: E402
+from srcr.targets.onnx.target import ONNXTarget  # noqa: E402
 
 WINDOW = 512
 DECODE_TOKENS = 32
@@ -43,8 +43,8 @@ SETTINGS = (
 )
 
 
-def token_windows(tokenizer, path: Path, window: int) -> list[list[int]]:
-    ids = tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
+def token_windows(tokenizer, text: str, window: int) -> list[list[int]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return [ids[start : start + window] for start in range(0, len(ids) - window + 1, window)]
 
 
@@ -84,7 +84,7 @@ def main() -> None:
     folder = ensure_default_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    windows = token_windows(tokenizer, default_eval_file(), WINDOW)
+    windows = token_windows(tokenizer, evaluation_text(None, None).text, WINDOW)
     references = [torch_logprobs(model, window) for window in windows]
     dense_nll = np.concatenate([-ref[np.arange(WINDOW - 1), w[1:]] for ref, w in zip(references, windows, strict=True)])
     report: dict = {
@@ -98,7 +98,7 @@ def main() -> None:
     target = ONNXTarget()
     with tempfile.TemporaryDirectory() as tmp:
         for quant_type in args.settings:
-            spec = target.resolve_quant(None, quant_type)
+            spec = target.resolve_quant(None, quant_type, {})
             path = Path(tmp) / f"{quant_type}.onnx"
             started = time.perf_counter()
             result = target.export(model, tokenizer, spec, path)

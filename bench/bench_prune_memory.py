@@ -26,8 +26,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rss import GIB, PeakRss  # noqa: E402
-from exporter.pruning import PruneSpec, parse_pattern, prune_model  # noqa: E402
-from exporter.verify import peak_rss_bytes  # noqa: E402
+from srcr.exporter.pruning import PruneSpec, parse_pattern, prune_model  # noqa: E402
+from srcr.exporter.verify import peak_rss_bytes  # noqa: E402
 
 LLAMA_32_1B = {
     "vocab_size": 128256,

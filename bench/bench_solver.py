@@ -41,9 +41,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.pruning.driver import PRUNERS  # noqa: E402
-from exporter.pruning.sparsegpt import inverse_hessian_upper, prune_columnwise  # noqa: E402
-from exporter.pruning.spec import PruneSpec  # noqa: E402
+from srcr.exporter.pruning.registry import METHODS  # noqa: E402
+from srcr.exporter.pruning.sparsegpt import inverse_hessian_upper, prune_columnwise  # noqa: E402
+from srcr.exporter.pruning.spec import PruneSpec  # noqa: E402
+from srcr.exporter.pruning.stats import InputStatistics  # noqa: E402
 
 LLAMA_31_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128}
 SETTINGS = [
@@ -154,22 +155,27 @@ def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: tor
 
 def run_engine(spec, shape, weights, activations, samples, device, input_rounding=None, leaf=None):
     """srcr's engine on one layer: returns (hessian seconds, solve seconds, pruned weights)."""
-    pruner_class = PRUNERS[spec.method]
+    method = METHODS[spec.method]
     options = {"leaf": leaf} if leaf else {}
-    groups = {
-        input_name: pruner_class({name: as_linear(weights[name]) for name in linears}, **options)
-        for input_name, linears in shape.inputs().items()
-    }
+    groups = {}
+    for input_name, linears in shape.inputs().items():
+        members = {name: as_linear(weights[name]) for name in linears}
+        first = next(iter(members.values()))
+        statistics = InputStatistics(first.in_features, first.weight.device)
+        groups[input_name] = method(members, spec, statistics, **options)
     synchronize(device)
     start = time.perf_counter()
     for sample in range(samples):
         for input_name, group in groups.items():
             x = activations[input_name][sample]
-            group.add_batch(x if input_rounding is None else input_rounding(x))
+            x = x if input_rounding is None else input_rounding(x)
+            flat = x.reshape(-1, x.shape[-1]).float()
+            group.statistics.add(flat)
+            group.observe(flat)
     synchronize(device)
     calibrated = time.perf_counter()
     for group in groups.values():
-        group.prune(spec)
+        group.prune()
     synchronize(device)
     solved = time.perf_counter()
     pruned = {name: linear.weight.detach() for group in groups.values() for name, linear in group.linears.items()}
@@ -281,13 +287,15 @@ def real_layer_errors(layer_indices: tuple[int, ...], samples: int, seq_len: int
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exporter.calibration import load_calibration
-    from exporter.models import ensure_default_checkpoint
-    from exporter.pruning.driver import calibrate_layer, capture_layer_inputs, run_layer
+    from srcr.exporter.calibration import calibration_text, load_calibration
+    from srcr.exporter.models import ensure_default_checkpoint
+    from srcr.exporter.pruning.driver import calibrate_layer, capture_layer_inputs, run_layer
 
     folder = ensure_default_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = load_calibration(AutoTokenizer.from_pretrained(folder), None, samples, seq_len, seed=0).input_ids
+    ids = load_calibration(
+        AutoTokenizer.from_pretrained(folder), calibration_text(None, None), samples, seq_len, seed=0
+    ).input_ids
     layers = model.model.layers
     rows = []
     with torch.no_grad():
@@ -302,8 +310,8 @@ def real_layer_errors(layer_indices: tuple[int, ...], samples: int, seq_len: int
                     row = {"layer": index, "pattern": label}
                     for method in ("magnitude", "wanda", "sparsegpt"):
                         pruned_layer = copy.deepcopy(layer)
-                        for group in calibrate_layer(pruned_layer, inputs, kwargs, PRUNERS[method]):
-                            group.prune(spec)
+                        for group in calibrate_layer(pruned_layer, inputs, kwargs, spec, METHODS[method]):
+                            group.method.prune()
                         pruned = dict(pruned_layer.named_modules())
                         row[method] = sum(
                             reconstruction_error(dense[name], pruned[name].weight.detach(), hessians[name], ids.numel())
@@ -326,7 +334,7 @@ def real_layer_errors(layer_indices: tuple[int, ...], samples: int, seq_len: int
 
 def run_recording_inputs(layer, inputs, kwargs) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
     """The layer's outputs, and the float64 inputs [tokens, in] each of its linears saw."""
-    from exporter.pruning.driver import run_layer
+    from srcr.exporter.pruning.driver import run_layer
 
     seen: dict[str, list[torch.Tensor]] = {}
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from exporter.errors import SrcrError
-from targets.base import ProgressFn, Runtime, no_progress
+from srcr.base.errors import SrcrError
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.runtime import Runtime
+from srcr.evaluators import pack_checks as check
 
 
 def token_windows(tokens: Sequence[int], n_windows: int, window_len: int, bos_id: int | None = None) -> np.ndarray:
@@ -35,10 +37,19 @@ def token_windows(tokens: Sequence[int], n_windows: int, window_len: int, bos_id
     return windows
 
 
-def scored_rows(logprobs: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The second half of a window's rows and the tokens they predict (row i predicts token i + 1)."""
-    first = len(window) // 2
-    return logprobs[first:-1], window[first + 1 :].astype(np.int64)
+def first_scored_row(window_len: int) -> int:
+    """Only the second half of a window is scored: every scored token sees half a window of context."""
+    return window_len // 2
+
+
+def scored_rows(runtime: Runtime, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probabilities of the second half of a window's rows, and the tokens they predict.
+
+    Row i predicts token i + 1, so the last row (which predicts past the window) is not asked for.
+    """
+    first = first_scored_row(len(window))
+    logprobs = runtime.logprobs(window[:-1].tolist(), first_row=first)
+    return logprobs, window[first + 1 :].astype(np.int64)
 
 
 def _logmass_outside(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -101,7 +112,7 @@ class DistributionReference:
         parts, token_logprobs = [], []
         for index, window in enumerate(windows):
             progress("reference: perplexity windows", index, len(windows))
-            rows, targets = scored_rows(base.logprobs(window.tolist()), window)
+            rows, targets = scored_rows(base, window)
             if k > rows.shape[-1]:
                 raise SrcrError(f"top-k {k} exceeds the vocabulary ({rows.shape[-1]}); pass a smaller top-k")
             parts.append(TopK.of(rows, k))
@@ -116,15 +127,18 @@ class DistributionReference:
 
     def score(self, runtime: Runtime, progress: ProgressFn = no_progress) -> tuple[dict, dict]:
         """(figures, timing) for `runtime` against the base model on the same windows."""
-        per_window = self.windows.shape[1] - 1 - self.windows.shape[1] // 2
+        # A pack only knows ids are below 2^31: a window's last token (only ever a target) and the
+        # top-k ids index this runtime's logits without passing its token check.
+        check.within_vocabulary("windows", self.windows, runtime.vocab_size)
+        check.within_vocabulary("top_k_ids", self.top_k.ids, runtime.vocab_size)
+        per_window = self.windows.shape[1] - 1 - first_scored_row(self.windows.shape[1])
         kl, agree, token_logprobs = [], [], []
         seconds = 0.0
         for index, window in enumerate(self.windows):
             progress("perplexity windows", index, len(self.windows))
             start = time.perf_counter()
-            logprobs = runtime.logprobs(window.tolist())
+            rows, targets = scored_rows(runtime, window)
             seconds += time.perf_counter() - start
-            rows, targets = scored_rows(logprobs, window)
             base = self._window_top_k(index, per_window)
             kl.append(base.kl_to(rows))
             agree.append(rows.argmax(-1) == base.ids[:, 0])
@@ -145,7 +159,7 @@ class DistributionReference:
             },
             "top1_agreement": float(np.concatenate(agree).mean()),
         }
-        timing = {"tokens": int(self.windows.size), "seconds": seconds}
+        timing = {"tokens": int(self.windows.shape[0] * (self.windows.shape[1] - 1)), "seconds": seconds}
         return figures, timing
 
     def _window_top_k(self, index: int, per_window: int) -> TopK:
@@ -163,8 +177,27 @@ class DistributionReference:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> DistributionReference:
+        """The section as read from a pack, with every shape checked against the windows."""
+        windows = check.token_ids(arrays, "windows", 2)
+        count, length = windows.shape
+        if count < 1 or length < 4:
+            raise check.fail("windows", f"has shape {windows.shape}; a pack needs at least one window of 4 tokens")
+        rows = count * (length - 1 - first_scored_row(length))
+        ids = check.token_ids(arrays, "top_k_ids", 2)
+        if ids.shape[0] != rows or ids.shape[1] < 1:
+            raise check.fail("top_k_ids", f"has shape {ids.shape}, expected ({rows}, k)")
+        logprobs = check.array(arrays, "top_k_logprobs", "f", 2)
+        check.shape("top_k_logprobs", logprobs, ids.shape)
+        tail = check.array(arrays, "tail_logmass", "f", 1)
+        check.shape("tail_logmass", tail, (rows,))
+        token_logprobs = check.array(arrays, "token_logprobs", "f", 1)
+        check.shape("token_logprobs", token_logprobs, (rows,))
+        if np.any(logprobs > 1e-3) or np.any(tail > 1e-3) or np.any(token_logprobs > 1e-3):
+            raise check.fail("top_k_logprobs", "holds positive log-probabilities")
+        if not np.all(np.isfinite(token_logprobs)):
+            raise check.fail("token_logprobs", "holds -inf: the base model cannot have given the text zero probability")
         return cls(
-            windows=arrays["windows"],
-            top_k=TopK(arrays["top_k_ids"], arrays["top_k_logprobs"], arrays["tail_logmass"]),
-            token_logprobs=arrays["token_logprobs"],
+            windows=windows.astype(np.int32),
+            top_k=TopK(ids.astype(np.int32), logprobs.astype(np.float32), tail.astype(np.float32)),
+            token_logprobs=token_logprobs.astype(np.float32),
         )

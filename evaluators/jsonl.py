@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
 
 
 def read_jsonl_objects(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
     path = Path(path)
+    if path.is_dir():
+        raise SrcrError(f"{what} file {path} is a folder; pass a JSONL file")
     if not path.is_file():
         raise SrcrError(f"{what} file {path} does not exist; pass an existing JSONL file")
     try:
@@ -25,6 +27,8 @@ def read_jsonl_objects(path: Path, what: str) -> list[tuple[int, dict[str, Any]]
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise SrcrError(f"{path}:{number} is not valid JSON ({error.msg}); write one object per line") from None
+        except RecursionError:
+            raise SrcrError(f"{path}:{number} nests too deeply; write flat JSON objects") from None
         if not isinstance(row, dict):
             raise SrcrError(f"{path}:{number} is not a JSON object; write one object per line")
         rows.append((number, row))

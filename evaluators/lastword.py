@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluators.ragged import pack_ragged, unpack_ragged
-from exporter.errors import SrcrError
-from targets.base import ProgressFn, Runtime, no_progress
+from srcr.base.errors import SrcrError
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.runtime import Runtime
+from srcr.evaluators import pack_checks as check
+from srcr.evaluators.ragged import checked_ragged, pack_ragged
 
 # A whole lower-case word right before the sentence's final punctuation (optionally closed by a
 # quote or bracket). Lower case keeps out abbreviations ("Inc.", "Jan.") and unguessable names.
@@ -68,8 +70,8 @@ def last_word_items(
 
 def greedy_match(runtime: Runtime, item: LastWordItem) -> bool:
     """Whether the runtime's argmax, fed the true prefix, reproduces every target token."""
-    logprobs = runtime.logprobs(item.context + item.target[:-1])
-    predicted = logprobs[len(item.context) - 1 :].argmax(-1)
+    logprobs = runtime.logprobs(item.context + item.target[:-1], first_row=len(item.context) - 1)
+    predicted = logprobs.argmax(-1)
     return predicted.tolist() == item.target
 
 
@@ -128,8 +130,13 @@ class LastWordReference:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> LastWordReference:
-        contexts = unpack_ragged(arrays["contexts"], arrays["context_offsets"])
-        targets = unpack_ragged(arrays["targets"], arrays["target_offsets"])
-        words = arrays["words"].tolist()
+        """The section as read from a pack; every item needs context and a target."""
+        words = check.strings(arrays, "words")
+        contexts = checked_ragged(arrays, "contexts", "context_offsets", len(words))
+        targets = checked_ragged(arrays, "targets", "target_offsets", len(words))
+        if any(not context for context in contexts) or any(not target for target in targets):
+            raise check.fail("contexts", "hold an item without context or target tokens")
+        base_correct = check.array(arrays, "base_correct", "b", 1)
+        check.shape("base_correct", base_correct, (len(words),))
         items = [LastWordItem(c, t, w) for c, t, w in zip(contexts, targets, words, strict=True)]
-        return cls(items=items, base_correct=arrays["base_correct"].astype(bool))
+        return cls(items=items, base_correct=base_correct.astype(bool))

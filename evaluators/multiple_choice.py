@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from evaluators.ragged import pack_ragged, unpack_ragged
-from targets.base import ProgressFn, Runtime, no_progress
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.runtime import Runtime
+from srcr.evaluators import pack_checks as check
+from srcr.evaluators.ragged import checked_ragged, pack_ragged
 
 
 def encode_choice(
@@ -41,8 +43,7 @@ def encode_choice(
 
 def continuation_loglik(runtime: Runtime, sequence: Sequence[int], n_continuation: int) -> float:
     """Summed log-probability of the last `n_continuation` tokens of `sequence` given the rest."""
-    logprobs = runtime.logprobs(list(sequence[:-1]))
-    rows = logprobs[len(sequence) - 1 - n_continuation :]
+    rows = runtime.logprobs(list(sequence[:-1]), first_row=len(sequence) - 1 - n_continuation)
     targets = np.asarray(sequence[len(sequence) - n_continuation :], dtype=np.int64)
     return float(rows[np.arange(n_continuation), targets].astype(np.float64).sum())
 
@@ -105,6 +106,9 @@ class MultipleChoiceReference:
         return float(acc), float(acc_norm)
 
     def score(self, runtime: Runtime, progress: ProgressFn = no_progress) -> dict:
+        # A sequence's last token is only a target: it indexes the logits without passing the runtime's check.
+        for sequence in self.sequences:
+            check.within_vocabulary("sequences", np.asarray(sequence), runtime.vocab_size)
         acc, acc_norm = self.accuracies(self.logliks(runtime, "multiple choice", progress))
         base_acc, base_acc_norm = self.accuracies(self.base_logliks)
         return {
@@ -130,11 +134,34 @@ class MultipleChoiceReference:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> MultipleChoiceReference:
+        """The section as read from a pack: choices, tasks and answers checked against each other."""
+        sequences = checked_ragged(arrays, "sequences", "sequence_offsets", None)
+        count = len(sequences)
+        lengths = check.array(arrays, "continuation_lengths", "iu", 1)
+        check.shape("continuation_lengths", lengths, (count,))
+        if any(not 1 <= int(n) < len(sequence) for n, sequence in zip(lengths, sequences, strict=True)):
+            raise check.fail("continuation_lengths", "do not fit their sequences")
+        chars = check.array(arrays, "choice_chars", "iu", 1)
+        check.shape("choice_chars", chars, (count,))
+        # Stored as int32: a count of 2^32 would wrap to 0 and divide acc_norm's log-likelihoods by zero.
+        if count and (chars.min() < 1 or chars.max() >= 1 << 31):
+            raise check.fail("choice_chars", "hold a choice of no characters, or of more than 2^31")
+        offsets = check.offsets(arrays, "choice_offsets", count)
+        tasks = offsets.shape[0] - 1
+        choices = np.diff(offsets)
+        if tasks < 1 or choices.min() < 2:
+            raise check.fail("choice_offsets", "describe a task with fewer than two choices")
+        answers = check.array(arrays, "answers", "iu", 1)
+        check.shape("answers", answers, (tasks,))
+        if np.any(answers < 0) or np.any(answers >= choices):
+            raise check.fail("answers", "point outside their task's choices")
+        logliks = check.array(arrays, "base_logliks", "f", 1)
+        check.shape("base_logliks", logliks, (count,))
         return cls(
-            sequences=unpack_ragged(arrays["sequences"], arrays["sequence_offsets"]),
-            continuation_lengths=arrays["continuation_lengths"],
-            choice_chars=arrays["choice_chars"],
-            choice_offsets=arrays["choice_offsets"],
-            answers=arrays["answers"],
-            base_logliks=arrays["base_logliks"],
+            sequences=sequences,
+            continuation_lengths=lengths.astype(np.int32),
+            choice_chars=chars.astype(np.int32),
+            choice_offsets=offsets,
+            answers=answers.astype(np.int32),
+            base_logliks=logliks.astype(np.float64),
         )

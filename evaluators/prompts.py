@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluators.jsonl import read_jsonl_objects
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
+from srcr.evaluators.jsonl import read_jsonl_objects
 
 BUILTIN_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
 

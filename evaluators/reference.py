@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,22 +24,29 @@ from typing import Any
 
 import numpy as np
 
-from evaluators.distribution import DistributionReference, token_windows
-from evaluators.lastword import LastWordReference
-from evaluators.multiple_choice import MultipleChoiceReference
-from evaluators.retention import (
+from srcr.base.errors import SrcrError
+from srcr.base.files import atomic_path
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.runtime import Runtime
+from srcr.evaluators.distribution import DistributionReference, token_windows
+from srcr.evaluators.lastword import LastWordReference
+from srcr.evaluators.multiple_choice import MultipleChoiceReference
+from srcr.evaluators.retention import (
     SRCR_DEFINITION,
     accuracy_retention,
     perplexity_retention,
     semantic_retention,
     semantic_retention_score,
 )
-from evaluators.semantic import Embedder, SemanticReference
-from exporter.atomic import atomic_path
-from exporter.errors import SrcrError
-from targets.base import ProgressFn, Runtime, no_progress
+from srcr.evaluators.semantic import Embedder, SemanticReference
 
 PACK_FORMAT = "srcr-reference/v1"
+MAX_PACK_BYTES = 2 << 30  # uncompressed; SmolLM2's default pack is 1.6 MB, a 128k-vocabulary model's ~10 MB
+MAX_PACK_MEMBERS = 256
+# What np.savez / np.savez_compressed write. zipfile raises NotImplementedError, RuntimeError or
+# lzma.LZMAError (none of them a "damaged file" error) for other methods and for encrypted members.
+PACK_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+UNSUPPORTED_ZIP_FLAGS = 0x1 | 0x20 | 0x40  # encrypted, patched data, strong encryption
 
 
 @dataclass(frozen=True)
@@ -63,15 +72,26 @@ class EvalSettings:
             raise SrcrError(f"max new tokens must be at least 1, got {self.max_new_tokens}; pass a positive count")
         if self.n_last_word < 0 or self.last_word_context < 1:
             raise SrcrError("last-word item count must be >= 0 and its context >= 1 token; fix the settings")
+        for name, value, limit in (
+            ("windows", self.windows, 100_000),
+            ("window length", self.window_len, 1 << 16),
+            ("top-k", self.top_k, 1 << 18),
+            ("max new tokens", self.max_new_tokens, 1 << 14),
+            ("last-word items", self.n_last_word, 1 << 20),
+            ("last-word context", self.last_word_context, 1 << 16),
+            ("worst prompts", self.n_worst, 10_000),
+        ):
+            if value > limit:
+                raise SrcrError(f"{name} {value} is above srcr's limit of {limit}; pass a smaller number")
 
 
 def _prefixed(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {f"{prefix}.{key}": value for key, value in arrays.items()}
 
 
-def _section(arrays: Any, prefix: str) -> dict[str, np.ndarray]:
+def _section(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     start = f"{prefix}."
-    return {key[len(start) :]: arrays[key] for key in arrays.files if key.startswith(start)}
+    return {key[len(start) :]: value for key, value in arrays.items() if key.startswith(start)}
 
 
 @dataclass
@@ -101,34 +121,118 @@ class ReferencePack:
 
     @classmethod
     def load(cls, path: Path) -> ReferencePack:
+        """A pack read back from disk: untrusted input, checked before any runtime sees it.
+
+        Memory stays bounded (member sizes from the zip directory and each array's declared shape
+        are checked before any array is read), pickled data is never loaded, and every array's
+        dtype and shape is checked.
+        """
         path = Path(path)
+        if path.is_dir():
+            raise SrcrError(f"reference pack {path} is a folder; pass the .npz written beside the artifact")
         if not path.is_file():
             raise SrcrError(f"reference pack {path} does not exist; pass the .npz written beside the artifact")
+        _check_members(path)
         try:
-            with np.load(path, allow_pickle=False) as arrays:
-                header = json.loads(str(arrays["header"]))
-                if header.get("format") != PACK_FORMAT:
-                    raise SrcrError(
-                        f"{path} is a {header.get('format')!r} pack, this srcr reads {PACK_FORMAT}; "
-                        "rebuild it with srcr export"
-                    )
-                sections = {name: _section(arrays, name) for name in ("last_word", "multiple_choice")}
-                return cls(
-                    settings=EvalSettings(**header["settings"]),
-                    distribution=DistributionReference.from_arrays(_section(arrays, "distribution")),
-                    semantic=SemanticReference.from_arrays(_section(arrays, "semantic")),
-                    last_word=LastWordReference.from_arrays(sections["last_word"]) if sections["last_word"] else None,
-                    multiple_choice=(
-                        MultipleChoiceReference.from_arrays(sections["multiple_choice"])
-                        if sections["multiple_choice"]
-                        else None
-                    ),
-                    meta=header.get("meta", {}),
-                )
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+            with np.load(path, allow_pickle=False) as stored:
+                arrays = {key: stored[key] for key in stored.files}
+        except ValueError:
+            # Object arrays were refused above; numpy's other pickle errors mean a file whose first
+            # bytes are neither a zip's nor an .npy's (zipfile found the directory at its end).
             raise SrcrError(
-                f"{path} is not a readable srcr reference pack ({error}); rebuild it with srcr export"
+                f"{path} is not a readable srcr reference pack (damaged arrays); rebuild it with srcr export"
             ) from None
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
+            raise SrcrError(
+                f"{path} is not a readable srcr reference pack (damaged file); rebuild it with srcr export"
+            ) from None
+        header = _header(arrays, path)
+        settings = _settings(header.get("settings"), path)
+        sections = {name: _section(arrays, name) for name in ("last_word", "multiple_choice")}
+        return cls(
+            settings=settings,
+            distribution=DistributionReference.from_arrays(_section(arrays, "distribution")),
+            semantic=SemanticReference.from_arrays(_section(arrays, "semantic")),
+            last_word=LastWordReference.from_arrays(sections["last_word"]) if sections["last_word"] else None,
+            multiple_choice=(
+                MultipleChoiceReference.from_arrays(sections["multiple_choice"])
+                if sections["multiple_choice"]
+                else None
+            ),
+            meta=header.get("meta") if isinstance(header.get("meta"), dict) else {},
+        )
+
+
+def _check_members(path: Path) -> None:
+    """Refuse a pack whose arrays would take absurd memory, before reading any (only .npy headers)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            _check_sizes(path, members)
+            for member in members:
+                with archive.open(member) as stream:
+                    _check_npy_header(path, member, stream)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error):
+        raise SrcrError(f"{path} is not a readable srcr reference pack (damaged file); rebuild it") from None
+
+
+def _check_sizes(path: Path, members: list[zipfile.ZipInfo]) -> None:
+    if len(members) > MAX_PACK_MEMBERS:
+        raise SrcrError(f"{path} holds {len(members)} arrays, more than any srcr pack; rebuild it with srcr export")
+    total = sum(member.file_size for member in members)
+    if total > MAX_PACK_BYTES or any(not member.filename.endswith(".npy") for member in members):
+        raise SrcrError(
+            f"{path} is not an srcr reference pack ({total / 2**20:.0f} MiB of arrays, or foreign members); "
+            "rebuild it with srcr export"
+        )
+    if any(m.compress_type not in PACK_COMPRESSION or m.flag_bits & UNSUPPORTED_ZIP_FLAGS for m in members):
+        raise SrcrError(f"{path} is compressed or encrypted in a way numpy never writes; rebuild it with srcr export")
+
+
+def _check_npy_header(path: Path, member: zipfile.ZipInfo, stream: Any) -> None:
+    """The array a member declares must fit in the member: numpy allocates the declared shape before
+    reading, so a 64-byte member claiming 2^40 elements would raise MemoryError (or, for zero-width
+    strings, build a list of 2^40 of them). Object arrays are refused here, before numpy sees them."""
+    version = np.lib.format.read_magic(stream)  # ValueError: not an .npy (numpy would return raw bytes)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"npy version {version}")
+    if dtype.hasobject:
+        raise SrcrError(
+            f"{path} is not a readable srcr reference pack (it holds pickled objects, which srcr never loads); "
+            "rebuild it with srcr export"
+        )
+    count = math.prod(shape)
+    if any(side < 0 for side in shape) or max(count, count * dtype.itemsize) > member.file_size:
+        raise ValueError(f"{member.filename} declares more data than it holds")
+
+
+def _header(arrays: dict[str, np.ndarray], path: Path) -> dict[str, Any]:
+    stored = arrays.get("header")
+    if stored is None or stored.dtype.kind != "U" or stored.ndim != 0:
+        raise SrcrError(f"{path} has no srcr header; rebuild it with srcr export")
+    try:
+        header = json.loads(str(stored))
+    except (ValueError, RecursionError):  # ValueError: also a number of more than 4300 digits
+        raise SrcrError(f"{path} has a damaged header; rebuild it with srcr export") from None
+    if not isinstance(header, dict) or header.get("format") != PACK_FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise SrcrError(f"{path} is a {found!r} pack, this srcr reads {PACK_FORMAT}; rebuild it with srcr export")
+    return header
+
+
+def _settings(stored: Any, path: Path) -> EvalSettings:
+    import pydantic
+
+    try:
+        settings = pydantic.TypeAdapter(EvalSettings).validate_python(stored)
+        settings.validate()
+    except (pydantic.ValidationError, SrcrError):
+        raise SrcrError(f"{path} holds damaged evaluation settings; rebuild it with srcr export") from None
+    return settings
 
 
 def build_reference_pack(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from exporter.compression import actual_compression, tcr
+from srcr.base.compression import tcr
 
 SRCR_DEFINITION = "Sr*TCr/v1"
 
@@ -44,18 +44,3 @@ def semantic_retention_score(retentions: Mapping[str, float | None]) -> float:
 def srcr(sr: float, sparsity: float, bits: float) -> float:
     """SrCr = Sr * TCr, definition SRCR_DEFINITION."""
     return sr * tcr(sparsity, bits)
-
-
-def compression_figures(
-    sr: float, sparsity: float, bits: float, artifact_bytes: int, f16_bytes: int
-) -> dict[str, float | str]:
-    """Sr beside both compression rates, by the same formulas the manifest uses (exporter.compression)."""
-    actual = actual_compression(artifact_bytes, f16_bytes)
-    return {
-        "sr": sr,
-        "tcr": tcr(sparsity, bits),
-        "srcr": srcr(sr, sparsity, bits),
-        "actual_compression": actual,
-        "sr_x_actual_compression": sr * actual,
-        "definition": SRCR_DEFINITION,
-    }

@@ -14,8 +14,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from evaluators.ragged import pack_ragged, unpack_ragged
-from targets.base import ProgressFn, Runtime, no_progress
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.runtime import Runtime
+from srcr.evaluators import pack_checks as check
+from srcr.evaluators.ragged import checked_ragged, pack_ragged
 
 
 @runtime_checkable
@@ -102,7 +104,10 @@ class SemanticReference:
             seconds += time.perf_counter() - start
         progress("generations", len(self.prompt_tokens), len(self.prompt_tokens))
         texts = [runtime.detokenize(generation) for generation in generations]
-        similarity = (embed(embedder, texts) * self.base_embeddings).sum(-1).astype(np.float64)
+        embeddings = embed(embedder, texts)
+        # The pack cannot know the embedder's width: (P, 1) would even broadcast into a wrong cosine.
+        check.shape("base_embeddings", self.base_embeddings, embeddings.shape)
+        similarity = (embeddings * self.base_embeddings).sum(-1).astype(np.float64)
         worst = np.argsort(similarity, kind="stable")[:n_worst]
         figures = {
             "mean": float(similarity.mean()),
@@ -139,13 +144,24 @@ class SemanticReference:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SemanticReference:
+        """The section as read from a pack, every array checked against the prompt count."""
+        ids = check.strings(arrays, "ids")
+        count = len(ids)
+        if count < 1:
+            raise check.fail("ids", "is empty; a pack needs at least one prompt")
+        embeddings = check.array(arrays, "base_embeddings", "f", 2)
+        if embeddings.shape[0] != count or not np.all(np.isfinite(embeddings)):
+            raise check.fail(
+                "base_embeddings", f"has shape {embeddings.shape} or non-finite values; expected ({count}, D)"
+            )
+        prompt_format = check.array(arrays, "prompt_format", "U", 0)
         return cls(
-            ids=arrays["ids"].tolist(),
-            prompts=arrays["prompts"].tolist(),
-            prompt_tokens=unpack_ragged(arrays["prompt_tokens"], arrays["prompt_offsets"]),
-            base_tokens=unpack_ragged(arrays["base_tokens"], arrays["base_offsets"]),
-            base_texts=arrays["base_texts"].tolist(),
-            base_embeddings=arrays["base_embeddings"],
-            max_new_tokens=int(arrays["max_new_tokens"]),
-            prompt_format=str(arrays["prompt_format"]),
+            ids=ids,
+            prompts=check.strings(arrays, "prompts", count),
+            prompt_tokens=checked_ragged(arrays, "prompt_tokens", "prompt_offsets", count),
+            base_tokens=checked_ragged(arrays, "base_tokens", "base_offsets", count),
+            base_texts=check.strings(arrays, "base_texts", count),
+            base_embeddings=embeddings.astype(np.float32),
+            max_new_tokens=check.scalar_int(arrays, "max_new_tokens", 1, 1 << 16),
+            prompt_format=str(prompt_format),
         )

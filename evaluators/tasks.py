@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evaluators.jsonl import read_jsonl_objects
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
+from srcr.evaluators.jsonl import read_jsonl_objects
 
 
 def load_mc_tasks(path: Path) -> list[dict[str, Any]]:

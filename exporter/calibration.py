@@ -1,22 +1,34 @@
 """Calibration and evaluation text: the user's files, or real English corpora shipped by installed packages.
 
 Calibration uses gensim's Lee background corpus and evaluation its held-out Lee corpus, so no
-text is ever both calibrated on and measured on.
+text is ever both calibrated on and measured on. Text is decoded strictly: a file that is not
+UTF-8 is refused with the option that names its encoding, and binary data is refused outright, so
+pruning never runs on U+FFFD replacement characters or junk.
 """
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from exporter.errors import SrcrError
-from exporter.manifest import sha256_of
+from srcr.base.errors import SrcrError
+from srcr.base.files import sha256_of
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 2048
+# gensim's Lee corpora are ISO-8859-1 (lee.cor has a pound sign as byte 0xa3).
+DEFAULT_CORPUS_ENCODING = "latin-1"
+MAX_TEXT_BYTES = 2 << 30
+_BINARY_SAMPLE = 1 << 16
+_CONTROL_BYTES = frozenset(range(32)) - {9, 10, 12, 13}  # tab, newline, form feed, carriage return
 
 
 def _gensim_test_file(name: str) -> Path:
@@ -37,54 +49,121 @@ def default_eval_file() -> Path:
     return _gensim_test_file("lee.cor")
 
 
-def read_text(path: Path) -> str:
+@dataclass(frozen=True)
+class TextSource:
+    """A text file as read: its content, which encoding decoded it, and its digest."""
+
+    path: Path
+    text: str
+    encoding: str
+    sha256: str
+
+
+def _check_encoding_name(encoding: str, option: str) -> str:
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise SrcrError(
+            f"{option}-encoding {encoding!r} is not an encoding Python knows; e.g. utf-8, latin-1, cp1252"
+        ) from None
+
+
+def _looks_binary(data: bytes) -> bool:
+    sample = data[:_BINARY_SAMPLE]
+    if b"\0" in sample:
+        return True
+    controls = sum(1 for byte in sample if byte in _CONTROL_BYTES)
+    return controls > 0.01 * max(1, len(sample))
+
+
+def decode_text(data: bytes, path: Path, encoding: str | None, option: str) -> tuple[str, str]:
+    """(text, encoding used): `encoding` if given, else UTF-8 (with or without a BOM), else a refusal."""
+    if _looks_binary(data):
+        raise SrcrError(f"{option} {path} looks like binary data, not text; pass a plain-text or JSONL file")
+    if encoding is not None:
+        name = _check_encoding_name(encoding, option)
+        try:
+            return data.decode(name), name
+        except UnicodeDecodeError as error:
+            raise SrcrError(
+                f"{option} {path} is not {name} (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                f"pass its real encoding with {option}-encoding"
+            ) from None
+    try:
+        return data.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError as error:
+        raise SrcrError(
+            f"{option} {path} is not UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            f"pass its encoding, e.g. {option}-encoding latin-1"
+        ) from None
+
+
+def read_text(path: Path, encoding: str | None = None, option: str = "--calib") -> TextSource:
     """Plain text, or JSONL whose objects carry a `text` field (documents joined by blank lines)."""
     path = Path(path)
+    if path.is_dir():
+        raise SrcrError(f"{option} {path} is a folder; pass a plain-text or JSONL file")
     if not path.is_file():
-        raise SrcrError(f"text file {path} does not exist; pass an existing plain-text or JSONL file")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+        raise SrcrError(f"{option} {path} does not exist; pass an existing plain-text or JSONL file")
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise SrcrError(f"{option} {path} is larger than 2 GiB; pass a smaller sample of the text")
+    data = path.read_bytes()
+    raw, used = decode_text(data, path, encoding, option)
     if path.suffix == ".jsonl" or raw.lstrip().startswith("{"):
-        documents = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise SrcrError(f"{path}:{number} is not valid JSON; use one JSON object per line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise SrcrError(f'{path}:{number} has no string `text` field; JSONL lines need {{"text": ...}}')
-            documents.append(record["text"])
-        raw = "\n\n".join(documents)
+        raw = _jsonl_documents(raw, path)
     if not raw.strip():
-        raise SrcrError(f"{path} holds no text; pass a file with real text")
-    return raw
+        raise SrcrError(f"{option} {path} holds no text; pass a file with real text")
+    return TextSource(path=path, text=raw, encoding=used, sha256=sha256_of(path))
+
+
+def _jsonl_documents(raw: str, path: Path) -> str:
+    documents = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise SrcrError(f"{path}:{number} is not valid JSON; use one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise SrcrError(f'{path}:{number} has no string `text` field; JSONL lines need {{"text": ...}}')
+        documents.append(record["text"])
+    return "\n\n".join(documents)
+
+
+def calibration_text(calib_file: Path | None, encoding: str | None) -> TextSource:
+    if calib_file is None:
+        return read_text(default_calibration_file(), encoding or DEFAULT_CORPUS_ENCODING, "--calib")
+    return read_text(calib_file, encoding, "--calib")
+
+
+def evaluation_text(eval_file: Path | None, encoding: str | None) -> TextSource:
+    if eval_file is None:
+        return read_text(default_eval_file(), encoding or DEFAULT_CORPUS_ENCODING, "--eval-text")
+    return read_text(eval_file, encoding, "--eval-text")
 
 
 @dataclass
 class CalibrationSet:
-    input_ids: Any  # torch.LongTensor [n_samples, seq_len]
+    input_ids: torch.Tensor  # long [n_samples, seq_len]
     source: str
     sha256: str
+    encoding: str
     n_samples: int
     seq_len: int
     corpus_tokens: int
     capped: bool  # True when the corpus could not supply the default request in full
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "sha256": self.sha256,
-            "samples": self.n_samples,
-            "seq_len": self.seq_len,
-            "corpus_tokens": self.corpus_tokens,
-            "capped_by_corpus": self.capped,
-        }
+
+def check_calibration_request(n_samples: int | None, seq_len: int | None) -> None:
+    """The numbers alone, before any file or model is read."""
+    if (seq_len is not None and seq_len < 8) or (n_samples is not None and n_samples < 1):
+        raise SrcrError("--seq-len must be at least 8 and --calib-samples at least 1")
 
 
 def load_calibration(
-    tokenizer: Any,
-    calib_file: Path | None,
+    tokenizer: PreTrainedTokenizerBase,
+    source: TextSource,
     n_samples: int | None,
     seq_len: int | None,
     seed: int,
@@ -96,23 +175,21 @@ def load_calibration(
     """
     import torch
 
-    path = Path(calib_file) if calib_file else default_calibration_file()
-    text = read_text(path)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    check_calibration_request(n_samples, seq_len)
+    ids = torch.tensor(tokenizer(source.text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     total = int(ids.numel())
 
     explicit_len = seq_len is not None
     explicit_samples = n_samples is not None
     seq_len = seq_len if explicit_len else DEFAULT_SEQ_LEN
     n_samples = n_samples if explicit_samples else DEFAULT_SAMPLES
-    if seq_len < 8 or n_samples < 1:
-        raise SrcrError("--seq-len must be at least 8 and --calib-samples at least 1")
 
     capped = False
+    name = source.path.name
     if total < seq_len:
         if explicit_len:
             raise SrcrError(
-                f"{path.name} has {total} tokens, fewer than --seq-len {seq_len}; "
+                f"{name} has {total} tokens, fewer than --seq-len {seq_len}; "
                 "pass a longer --calib file or a smaller --seq-len"
             )
         seq_len, capped = total, True
@@ -120,7 +197,7 @@ def load_calibration(
     if available < n_samples:
         if explicit_samples:
             raise SrcrError(
-                f"{path.name} has {total} tokens, enough for {available} samples of {seq_len}, not "
+                f"{name} has {total} tokens, enough for {available} samples of {seq_len}, not "
                 f"--calib-samples {n_samples}; pass a longer --calib file or fewer --calib-samples"
             )
         n_samples, capped = available, True
@@ -130,8 +207,9 @@ def load_calibration(
     windows = ids[: available * seq_len].view(available, seq_len)[chosen]
     return CalibrationSet(
         input_ids=windows.contiguous(),
-        source=str(path),
-        sha256=sha256_of(path),
+        source=str(source.path),
+        sha256=source.sha256,
+        encoding=source.encoding,
         n_samples=n_samples,
         seq_len=seq_len,
         corpus_tokens=total,

@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
-from exporter import __version__
-from exporter.ui import stage_progress, stderr_console, stdout_console, user_errors
+from srcr import __version__
+from srcr.exporter.manifest import Manifest
+from srcr.exporter.ui import stage_progress, stderr_console, stdout_console, user_errors
+
+if TYPE_CHECKING:
+    from srcr.exporter.sweep import SweepSummary
 
 app = typer.Typer(
     name="srcr",
@@ -29,6 +34,17 @@ PATTERN_HELP = (
     "Semi-structured N:M sparsity: N of every M consecutive input weights are zeroed "
     "(2:4 = 50%, 2:8 = 25%, 4:8 = 50%). Replaces --sparsity."
 )
+METHOD_HELP = (
+    "Pruning method: sparsegpt (second-order, with error compensation; the default), "
+    "wanda (|w| × input norm) or magnitude (|w| alone)."
+)
+DEVICE_HELP = (
+    "Where PyTorch runs the dense reference and pruning: auto (CUDA when available), cpu or cuda. "
+    "The artifact itself is measured in its own runtime, on its accelerator when it has one."
+)
+PERCDAMP_HELP = "SparseGPT: Hessian dampening as a fraction of its mean diagonal; raise it if a layer fails."
+PRUNE_BLOCK_HELP = "SparseGPT: columns per lazy-update block (a multiple of M for N:M patterns)."
+ENCODING_HELP = "Encoding of {what} (default: UTF-8; the built-in Lee corpora are read as latin-1)."
 
 
 def _version(value: bool) -> None:
@@ -50,8 +66,9 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def summary_table(manifest: dict[str, Any]) -> Table:
+def summary_table(typed: Manifest) -> Table:
     """The end-of-export summary: what was produced and what it keeps."""
+    manifest = typed.as_dict()
     table = Table(title=f"srcr export: {manifest['name']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -71,7 +88,10 @@ def summary_table(manifest: dict[str, Any]) -> Table:
         ("quantization", f"{quant['type']} ({quant['bits']}-bit)"),
         ("type mix", ", ".join(f"{k}: {v}" for k, v in (quant.get("type_mix") or {}).items()) or "-"),
         ("TCr", f"{compression['tcr']:.4f}"),
-        ("actual compression", f"{compression['actual']:.4f} (vs F16 {artifact['f16_bytes'] / 1e6:.1f} MB)"),
+        (
+            "actual compression",
+            f"{compression['actual']:.4f} (vs the 16-bit model, {compression['baseline_bytes'] / 1e6:.1f} MB)",
+        ),
     ]
     evaluation = manifest.get("evaluation")
     if evaluation:
@@ -113,7 +133,9 @@ def export(
         float, typer.Option(help="Unstructured sparsity: fraction of each pruned linear's weights zeroed, in [0, 1).")
     ] = 0.0,
     pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP)] = None,
-    method: Annotated[str, typer.Option(help="Pruning method: sparsegpt, wanda or magnitude.")] = "sparsegpt",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sparsegpt",
+    percdamp: Annotated[float, typer.Option(help=PERCDAMP_HELP)] = 0.01,
+    prune_block_size: Annotated[int, typer.Option(help=PRUNE_BLOCK_HELP)] = 128,
     bits: Annotated[
         int | None,
         typer.Option(help="Quantization bit-width (GGUF: 2,3,4,5,6,8,16; ONNX: 2,4,8,16,32). Default 4."),
@@ -128,19 +150,23 @@ def export(
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
     name: Annotated[
-        str | None, typer.Option(help="Base name of the output files (default: from the settings).")
+        str | None, typer.Option(help="Base file name of the outputs, without a folder (default: from the settings).")
     ] = None,
     calib: Annotated[
         Path | None,
         typer.Option(help="Calibration text: plain text or JSONL with a `text` field. Default: gensim's Lee corpus."),
     ] = None,
+    calib_encoding: Annotated[str | None, typer.Option(help=ENCODING_HELP.format(what="--calib"))] = None,
     calib_samples: Annotated[
         int | None, typer.Option(help="Calibration samples (default 128, capped by the corpus).")
     ] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sample (default 2048).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for choosing calibration windows.")] = 0,
-    device: Annotated[str, typer.Option(help="Where pruning runs: auto (CUDA when available), cpu or cuda.")] = "auto",
-    block_size: Annotated[int | None, typer.Option(help="ONNX: quantization block size (default 32).")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    quant_block_size: Annotated[
+        int | None,
+        typer.Option(help="ONNX: weights per quantization block (default 32; formerly --block-size)."),
+    ] = None,
     quant_algo: Annotated[
         str | None, typer.Option(help="ONNX: weight quantization algorithm: wls (default), hqq or rtn.")
     ] = None,
@@ -156,6 +182,7 @@ def export(
     eval_text: Annotated[
         Path | None, typer.Option(help="Held-out evaluation text (default: gensim's lee.cor).")
     ] = None,
+    eval_encoding: Annotated[str | None, typer.Option(help=ENCODING_HELP.format(what="--eval-text"))] = None,
     prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) for semantic similarity.")] = None,
     tasks: Annotated[
         Path | None, typer.Option(help='Multiple-choice tasks (JSONL: {"context", "choices", "answer"}).')
@@ -182,14 +209,14 @@ def export(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of the table.")] = False,
 ) -> None:
     """Prune, quantize and export a model; evaluate the artifact and write its manifest."""
-    from exporter.pipeline import EvalOptions, ExportOptions, run_export
+    from srcr.exporter.pipeline import EvalOptions, ExportOptions, run_export
 
     console = stderr_console()
-    with user_errors(console):
+    with user_errors(console) as interrupts:
         target_options = {
             key: value
             for key, value in {
-                "block_size": block_size,
+                "quant_block_size": quant_block_size,
                 "quant_algo": quant_algo,
                 "quant_scheme": quant_scheme,
                 "symmetric": symmetric,
@@ -199,13 +226,16 @@ def export(
         options = ExportOptions(
             model=model,
             format=fmt,
-            bits=bits if bits is not None or quant_type else 4,
+            bits=bits,
             quant_type=quant_type,
             target_options=target_options,
             method=method,
             sparsity=sparsity,
             pattern=pattern,
+            percdamp=percdamp,
+            prune_block_size=prune_block_size,
             calib=calib,
+            calib_encoding=calib_encoding,
             calib_samples=calib_samples,
             seq_len=seq_len,
             seed=seed,
@@ -217,6 +247,7 @@ def export(
             evaluation=EvalOptions(
                 enabled=evaluate,
                 eval_text=eval_text,
+                eval_encoding=eval_encoding,
                 prompts=prompts,
                 tasks=tasks,
                 windows=eval_windows,
@@ -226,16 +257,16 @@ def export(
                 builtin_prompts=builtin_prompts,
             ),
         )
-        with stage_progress(console) as progress:
+        with stage_progress(console, interrupts) as progress:
             manifest = run_export(options, progress)
     if as_json:
-        typer.echo(json.dumps(manifest, indent=2))
+        typer.echo(manifest.to_json(), nl=False)
     else:
         stdout_console().print(summary_table(manifest))
 
 
 def _parse_tolerances(items: list[str]) -> dict[str, float]:
-    from exporter.errors import SrcrError
+    from srcr.base.errors import SrcrError
 
     tolerances = {}
     for item in items:
@@ -260,12 +291,12 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
 ) -> None:
     """Re-measure an exported artifact on this device and compare with its manifest (exit 1 on drift)."""
-    from exporter.verify import verify as run_verify
+    from srcr.exporter.verify import verify as run_verify
 
     console = stderr_console()
-    with user_errors(console):
+    with user_errors(console) as interrupts:
         limits = _parse_tolerances(tolerance or [])
-        with stage_progress(console) as progress:
+        with stage_progress(console, interrupts) as progress:
             outcome = run_verify(manifest, limits, device=device, progress=progress)
     speed = outcome.measured.get("speed", {})
     if as_json:
@@ -278,7 +309,7 @@ def verify(
         }
         typer.echo(json.dumps(payload, indent=2, default=str))
     else:
-        table = Table(title=f"srcr verify: {outcome.manifest['name']}", title_justify="left")
+        table = Table(title=f"srcr verify: {outcome.manifest.name}", title_justify="left")
         for header in ("figure", "manifest", "measured", "drift", "tolerance", ""):
             table.add_column(header, justify="right" if header not in ("figure", "") else "left")
         for check in outcome.checks:
@@ -311,12 +342,14 @@ def compare(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print rows as CSV.")] = False,
 ) -> None:
     """Compare exported artifacts side by side: size, compression, fidelity, Sr and SrCr."""
-    from exporter.compare import render_table, rows_for, to_csv
-    from exporter.manifest import read_manifest
+    from srcr.exporter.compare import read_unique, render_table, rows_for, to_csv
 
     console = stderr_console()
     with user_errors(console):
-        rows = rows_for([read_manifest(path) for path in manifests], sort)
+        typed, notes = read_unique(manifests)
+        rows = rows_for(typed, sort)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     elif as_csv:
@@ -326,7 +359,7 @@ def compare(
 
 
 def _split(text: str, cast: type, option: str) -> list[Any]:
-    from exporter.errors import SrcrError
+    from srcr.base.errors import SrcrError
 
     try:
         return [cast(item.strip()) for item in text.split(",") if item.strip()]
@@ -342,7 +375,7 @@ def common_name_prefix(names: list[str]) -> str:
     return prefix[: prefix.rfind("-") + 1]
 
 
-def sweep_tables(summary: Any) -> list[Table]:
+def sweep_tables(summary: SweepSummary) -> list[Table]:
     prefix = common_name_prefix([record["name"] for record in summary.records])
     title = "srcr sweep (sorted by SrCr; ◆ Pareto front by TCr, ◇ by bytes; retention per evaluator)"
     # No vertical rules: twelve columns then fit a 120-column terminal.
@@ -400,7 +433,9 @@ def sweep(
     pattern: Annotated[str, typer.Option(help="N:M patterns to try, comma-separated (e.g. 2:8,2:4).")] = "",
     bits: Annotated[str, typer.Option(help="Bit-widths to try, comma-separated.")] = "2,3,4,8",
     fmt: Annotated[str, typer.Option("--format", help="Deployment format: gguf or onnx.")] = "gguf",
-    method: Annotated[str, typer.Option(help="Pruning method: sparsegpt, wanda or magnitude.")] = "sparsegpt",
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sparsegpt",
+    percdamp: Annotated[float, typer.Option(help=PERCDAMP_HELP)] = 0.01,
+    prune_block_size: Annotated[int, typer.Option(help=PRUNE_BLOCK_HELP)] = 128,
     model: Annotated[str | None, typer.Option(help="Local Hugging Face folder or hub id (default: SmolLM2).")] = None,
     out: Annotated[Path, typer.Option(help="Sweep folder; rerunning with the same folder resumes.")] = Path("sweep"),
     budget_mb: Annotated[
@@ -410,11 +445,13 @@ def sweep(
         float | None, typer.Option(help="Recommend the most compression with Sr at least this.")
     ] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text (default: gensim's Lee corpus).")] = None,
+    calib_encoding: Annotated[str | None, typer.Option(help=ENCODING_HELP.format(what="--calib"))] = None,
     calib_samples: Annotated[int | None, typer.Option(help="Calibration samples (default 128, capped).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sample (default 2048).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for choosing calibration windows.")] = 0,
-    device: Annotated[str, typer.Option(help="Where pruning runs: auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     eval_text: Annotated[Path | None, typer.Option(help="Held-out evaluation text (default: lee.cor).")] = None,
+    eval_encoding: Annotated[str | None, typer.Option(help=ENCODING_HELP.format(what="--eval-text"))] = None,
     prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) for semantic similarity.")] = None,
     tasks: Annotated[Path | None, typer.Option(help="Multiple-choice tasks (JSONL).")] = None,
     eval_windows: Annotated[int | None, typer.Option(help="Number of evaluation windows.")] = None,
@@ -425,19 +462,21 @@ def sweep(
     as_json: Annotated[bool, typer.Option("--json", help="Print the records and recommendation as JSON.")] = False,
 ) -> None:
     """Try every pruning × quantization combination; rank by SrCr, mark the Pareto front, write report.html."""
-    from exporter.pipeline import EvalOptions
-    from exporter.sweep import SweepOptions, run_sweep, summarize, write_report
+    from srcr.exporter.pipeline import EvalOptions, PruneOptions
+    from srcr.exporter.sweep import SweepOptions, run_sweep, summarize, write_report
 
     console = stderr_console()
-    with user_errors(console):
+    resumable = f"finished configurations and {out}/reference.npz are kept; rerun the same command to resume"
+    with user_errors(console, interrupted=resumable) as interrupts:
         options = SweepOptions(
             model=model,
             format=fmt,
             sparsities=_split(sparsity, float, "sparsity"),
             patterns=_split(pattern, str, "pattern"),
             bits=_split(bits, int, "bits"),
-            method=method,
+            prune=PruneOptions(method=method, percdamp=percdamp, block_size=prune_block_size),
             calib=calib,
+            calib_encoding=calib_encoding,
             calib_samples=calib_samples,
             seq_len=seq_len,
             seed=seed,
@@ -446,6 +485,7 @@ def sweep(
             allow_pickle=allow_pickle,
             evaluation=EvalOptions(
                 eval_text=eval_text,
+                eval_encoding=eval_encoding,
                 prompts=prompts,
                 tasks=tasks,
                 windows=eval_windows,
@@ -454,10 +494,10 @@ def sweep(
                 builtin_prompts=builtin_prompts,
             ),
         )
-        with stage_progress(console) as progress:
+        with stage_progress(console, interrupts) as progress:
             manifests = run_sweep(options, progress)
         summary = summarize(manifests, budget_mb, min_retention)
-        report = write_report(summary, out, f"srcr sweep: {manifests[0]['source_model']['id']} ({fmt})")
+        report = write_report(summary, out, f"srcr sweep: {manifests[0].source_model.id} ({fmt})")
     if as_json:
         payload = {
             "records": summary.records,

@@ -6,11 +6,14 @@ import csv
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
+from srcr.exporter.manifest import Manifest, read_manifest
 
 
 def _get(data: dict[str, Any], *keys: str) -> Any:
@@ -76,7 +79,7 @@ def base_row(manifest: dict[str, Any]) -> dict[str, Any]:
         "format": "torch fp32",
         "pruning": {},
         "quantization": {"type": "-"},
-        "artifact": {"bytes": _get(manifest, "artifact", "f16_bytes"), "bits_per_weight": 16.0},
+        "artifact": {"bytes": _get(manifest, "compression", "baseline_bytes"), "bits_per_weight": 16.0},
         "compression": {"tcr": 0.0, "actual": 0.0},
         "evaluation": {
             "perplexity": {"compressed": _get(evaluation, "perplexity", "base")},
@@ -90,10 +93,13 @@ def base_row(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def rows_for(manifests: list[dict[str, Any]], sort: str | None) -> list[dict[str, Any]]:
+def rows_for(typed: list[Manifest], sort: str | None) -> list[dict[str, Any]]:
     """Plain rows (column key → value), base first, the rest sorted best-first by `sort`."""
     if sort is not None and sort not in COLUMN_KEYS:
         raise SrcrError(f"unknown --sort column {sort!r}; choose one of: {', '.join(COLUMN_KEYS)}")
+    if not typed:
+        raise SrcrError("no manifests to compare; pass one or more <name>.manifest.json files")
+    manifests = [manifest.as_dict() for manifest in typed]
     rows = [{column.key: column.value(m) for column in COLUMNS} for m in manifests]
     if sort:
         column = next(c for c in COLUMNS if c.key == sort)
@@ -121,7 +127,8 @@ def render_table(rows: list[dict[str, Any]], title: str = "srcr compare") -> Tab
         cells = []
         for column in COLUMNS:
             value = row[column.key]
-            text = "-" if value is None else column.fmt.format(value)
+            # Names and types come from the manifest: "[/]" or "[red]" in them is text, not rich markup.
+            text = "-" if value is None else escape(column.fmt.format(value))
             if index > 0 and value is not None and value == best[column.key]:
                 text = f"[bold green]{text}[/]"
             cells.append(text)
@@ -135,3 +142,17 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def read_unique(paths: list[Path]) -> tuple[list[Manifest], list[str]]:
+    """The manifests at `paths`, each file once, and a note for every repeat left out."""
+    seen: dict[Path, Path] = {}
+    manifests, notes = [], []
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen:
+            notes.append(f"{path} was given twice (as {seen[key]}); shown once")
+            continue
+        seen[key] = Path(path)
+        manifests.append(read_manifest(path))
+    return manifests, notes

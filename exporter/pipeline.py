@@ -1,40 +1,64 @@
-"""`srcr export`: load → reference → calibrate+prune → convert+quantize → evaluate → manifest.
+"""The one orchestrator behind `srcr export` and `srcr sweep`.
 
-Each stage is a function of its own so that `srcr sweep` can reuse the expensive ones (the base
-model's reference outputs once per sweep, pruning once per pruning setting).
+plan (every input checked, nothing expensive) → load → reference pack (dense model) → per pruning
+setting: calibrate + prune → per quantization: convert + quantize → evaluate → manifest.
+
+`srcr export` runs it for one configuration, `srcr sweep` (exporter/sweep.py) for many, sharing the
+load, the calibration tokens and the reference pack. Each stage borrows the model and leaves it where
+it found it; a pruning setting prunes a fresh copy read from the source folder (the dense model itself
+only when nothing needs it afterwards), so at most two copies of the model are ever in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from exporter.atomic import atomic_path, check_writable, dump_json
-from exporter.compression import tcr
-from exporter.errors import SrcrError
-from exporter.models import LoadedModel, load_model
-from exporter.registry import get_target
-from targets.base import ProgressFn, QuantSpec, Target, no_progress
+from srcr.base.compression import baseline_bytes, tcr
+from srcr.base.errors import SrcrError
+from srcr.base.files import (
+    atomic_path,
+    check_output_folder,
+    check_writable,
+    output_folder,
+    output_lock,
+    remove_stale_partials,
+    sha256_of,
+)
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.evaluators.reference import ReferencePack
+from srcr.evaluators.retention import SRCR_DEFINITION
+from srcr.evaluators.retention import srcr as srcr_score
+from srcr.exporter import manifest as manifests
+from srcr.exporter.calibration import (
+    DEFAULT_SEQ_LEN,
+    CalibrationSet,
+    TextSource,
+    calibration_text,
+    check_calibration_request,
+    load_calibration,
+)
+from srcr.exporter.evaluation import EvalInputs, EvalOptions, build_reference, eval_inputs, evaluate_artifact
+from srcr.exporter.models import LoadedModel, ModelSource, load_weights, open_source
+from srcr.exporter.pruning import PruneReport, PruneSpec, check_prunable, parse_pattern, prune_model, validate_spec
+from srcr.exporter.pruning.registry import DEFAULT_METHOD
+from srcr.exporter.pruning.spec import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP
+from srcr.targets.base import QuantSpec, Target
+from srcr.targets.registry import get_target
+
+__all__ = ["EvalOptions", "ExportOptions", "run_export"]
 
 
 @dataclass
-class EvalOptions:
-    enabled: bool = True
-    eval_text: Path | None = None
-    prompts: Path | None = None
-    tasks: Path | None = None
-    windows: int | None = None
-    top_k: int | None = None
-    last_word_items: int | None = None
-    new_tokens: int | None = None
-    builtin_prompts: bool = True
+class PruneOptions:
+    method: str = DEFAULT_METHOD
+    percdamp: float = DEFAULT_PERCDAMP
+    block_size: int = DEFAULT_BLOCK_SIZE  # SparseGPT's column block (--prune-block-size)
 
 
 @dataclass
@@ -43,11 +67,14 @@ class ExportOptions:
     format: str = "gguf"
     bits: int | None = None
     quant_type: str | None = None
-    target_options: dict[str, Any] = field(default_factory=dict)
-    method: str = "sparsegpt"
+    target_options: dict[str, object] = field(default_factory=dict)
+    method: str = DEFAULT_METHOD
     sparsity: float = 0.0
     pattern: str | None = None
+    percdamp: float = DEFAULT_PERCDAMP
+    prune_block_size: int = DEFAULT_BLOCK_SIZE
     calib: Path | None = None
+    calib_encoding: str | None = None
     calib_samples: int | None = None
     seq_len: int | None = None
     seed: int = 0
@@ -111,29 +138,28 @@ class StageTimer:
 
 
 def resolve_device(device: str) -> str:
+    """Where PyTorch runs (the dense reference and pruning): auto picks CUDA when there is one."""
     import torch
 
     device = device.lower()
+    if device not in ("auto", "cpu", "cuda"):
+        raise SrcrError(f"unknown --device {device!r}; choose auto, cpu or cuda")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SrcrError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise SrcrError(f"unknown --device {device!r}; choose auto, cpu or cuda")
     return device
 
 
-def prune_spec_from(options: ExportOptions) -> Any:
-    from exporter.pruning import PruneSpec, parse_pattern
-    from exporter.pruning.spec import validate_spec
-
-    pattern = parse_pattern(options.pattern) if options.pattern else None
-    if not 0.0 <= options.sparsity < 1.0:
-        raise SrcrError(f"--sparsity {options.sparsity} is outside [0, 1); pass a fraction such as 0.25")
-    if pattern and options.sparsity:
-        raise SrcrError("pass either --sparsity (unstructured) or --pattern N:M, not both")
-    spec = PruneSpec(method=options.method, sparsity=options.sparsity, pattern=pattern)
-    validate_spec(spec)  # before the model is even loaded
+def prune_spec_for(sparsity: float, pattern: str | None, options: PruneOptions) -> PruneSpec:
+    spec = PruneSpec(
+        method=options.method,
+        sparsity=sparsity,
+        pattern=parse_pattern(pattern) if pattern else None,
+        block_size=options.block_size,
+        percdamp=options.percdamp,
+    )
+    validate_spec(spec)
     return spec
 
 
@@ -141,89 +167,89 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", Path(text).name.lower()).strip("-") or "model"
 
 
-def default_name(source: str, prune_spec: Any, spec: QuantSpec) -> str:
+def pruning_label(prune_spec: PruneSpec) -> str:
     if prune_spec.pattern:
-        pruning = f"{prune_spec.method}-{prune_spec.pattern[0]}of{prune_spec.pattern[1]}"
-    elif prune_spec.sparsity > 0:
-        pruning = f"{prune_spec.method}-s{round(prune_spec.sparsity * 100):02d}"
-    else:
-        pruning = "dense"
-    return f"{_slug(source)}-{pruning}-{_slug(spec.quant_type)}"
+        return f"{prune_spec.method}-{prune_spec.pattern[0]}of{prune_spec.pattern[1]}"
+    if prune_spec.prunes:
+        return f"{prune_spec.method}-s{round(prune_spec.sparsity * 100):02d}"
+    return "dense"
 
 
-def is_pruning(prune_spec: Any) -> bool:
-    return bool(prune_spec.pattern) or prune_spec.sparsity > 0
+def default_name(source: str, prune_spec: PruneSpec, spec: QuantSpec) -> str:
+    return f"{_slug(source)}-{pruning_label(prune_spec)}-{_slug(spec.quant_type)}"
 
 
-def load_calibration_for(loaded: LoadedModel, options: ExportOptions) -> Any:
-    """Tokenize the calibration text up front, so a too-short file fails before any expensive stage."""
-    from exporter.calibration import load_calibration
+@dataclass
+class Plan:
+    """A run's inputs, every one read and checked before the first expensive stage."""
 
-    return load_calibration(loaded.tokenizer, options.calib, options.calib_samples, options.seq_len, options.seed)
-
-
-def run_pruning(loaded: LoadedModel, calibration: Any, prune_spec: Any, device: str, progress: ProgressFn) -> Any:
-    """Calibrate and prune `loaded.model` in place; returns the PruneReport."""
-    from exporter.pruning import prune_model
-
-    return prune_model(loaded.model, calibration.input_ids, prune_spec, device=device, progress=progress)
-
-
-def pruning_section(prune_spec: Any, report: Any, calibration: Any, seed: int) -> dict[str, Any]:
-    pattern = f"{prune_spec.pattern[0]}:{prune_spec.pattern[1]}" if prune_spec.pattern else None
-    return {
-        "method": prune_spec.method if is_pruning(prune_spec) else None,
-        "sparsity": prune_spec.target_sparsity,
-        "pattern": pattern,
-        "achieved_sparsity": report.overall_sparsity,
-        "per_layer": report.per_layer,
-        "calibration": calibration.describe(),
-        "imatrix_tokens": report.imatrix_tokens,
-        "seed": seed,
-    }
+    target: Target
+    specs: list[QuantSpec]
+    prune_specs: list[PruneSpec]
+    device: str
+    source: ModelSource
+    calibration_text: TextSource
+    evaluation: EvalInputs | None
+    calib_samples: int | None
+    seq_len: int | None
+    seed: int
 
 
-def sparsity_for_tcr(prune_spec: Any) -> float:
-    return prune_spec.target_sparsity if is_pruning(prune_spec) else 0.0
+class RunInputs(Protocol):
+    """What `make_plan` reads from the options of a command (ExportOptions, SweepOptions)."""
+
+    model: str | None
+    format: str
+    target_options: dict[str, object]
+    calib: Path | None
+    calib_encoding: str | None
+    calib_samples: int | None
+    seq_len: int | None
+    seed: int
+    device: str
+    out: Path
+    allow_pickle: bool
+    evaluation: EvalOptions
 
 
-def run_export(
-    options: ExportOptions, progress: ProgressFn = no_progress, timer: StageTimer | None = None
-) -> dict[str, Any]:
-    """The whole export; returns the manifest that was written beside the artifact."""
-    from exporter.reference import build_reference
-
+def make_plan(
+    options: RunInputs, bits: Sequence[int | None], quant_type: str | None, prune_specs: Sequence[PruneSpec]
+) -> Plan:
+    """Cheapest checks first: flags, then files, then the model's config; no weight is read here."""
     target = get_target(options.format)
-    spec = target.resolve_quant(options.bits, options.quant_type, **options.target_options)
-    prune_spec = prune_spec_from(options)
+    specs = [target.resolve_quant(width, quant_type, options.target_options) for width in bits]
+    check_calibration_request(options.calib_samples, options.seq_len)
     device = resolve_device(options.device)
-    evaluation = options.evaluation
+    check_output_folder(options.out)
+    calibration = calibration_text(options.calib, options.calib_encoding)
+    inputs = eval_inputs(options.evaluation) if options.evaluation.enabled else None
+    source = open_source(options.model, options.allow_pickle)
+    for spec in specs:
+        target.check_model(source.config, spec)
+    for prune_spec in prune_specs:
+        check_prunable(source.config, prune_spec, options.seq_len or DEFAULT_SEQ_LEN)
+    return Plan(
+        target=target,
+        specs=specs,
+        prune_specs=list(prune_specs),
+        device=device,
+        source=source,
+        calibration_text=calibration,
+        evaluation=inputs,
+        calib_samples=options.calib_samples,
+        seq_len=options.seq_len,
+        seed=options.seed,
+    )
 
-    timer = timer or StageTimer()
-    with timer.stage("load"):
-        progress("load model", 0, 1)
-        loaded = load_model(options.model, allow_pickle=options.allow_pickle)
-        progress("load model", 1, 1)
-    check_model = getattr(target, "check_model", None)  # format limits that depend on the model's shapes
-    if check_model is not None:
-        check_model(loaded.model, spec)
-    name = options.name or default_name(loaded.source, prune_spec, spec)
-    paths = OutputPaths.for_name(options.out, name, target.suffix)
-    paths.check(options.overwrite, with_reference=evaluation.enabled)
-    Path(options.out).mkdir(parents=True, exist_ok=True)
 
-    calibration = load_calibration_for(loaded, options)
-
-    pack = None
-    if evaluation.enabled:
-        with timer.stage("reference"):
-            pack = build_reference(loaded, evaluation, device, progress)
-
-    with timer.stage("calibrate_prune"):
-        report = run_pruning(loaded, calibration, prune_spec, device, progress)
-
-    pruned = PrunedModel(loaded, prune_spec, report, calibration, options.seed)
-    return write_export(pruned, target, spec, paths, pack, device, timer, progress, options.overwrite)
+@contextlib.contextmanager
+def workspace(out: Path, lock_name: str, what: str) -> Iterator[Path]:
+    """The output folder for one run: created if needed (and removed again if the run fails while it
+    is still empty), locked against a concurrent run writing the same files, cleared of dead runs'
+    temporary files."""
+    with output_folder(out) as folder, output_lock(folder, lock_name, what):
+        remove_stale_partials(folder)
+        yield folder
 
 
 @dataclass
@@ -231,34 +257,98 @@ class PrunedModel:
     """A model after calibration and pruning, with what the manifest needs to say about it."""
 
     loaded: LoadedModel
-    prune_spec: Any
-    report: Any  # PruneReport
-    calibration: Any  # CalibrationSet
+    prune_spec: PruneSpec
+    report: PruneReport
+    calibration: CalibrationSet
     seed: int
+
+
+def load_stage(plan: Plan, timer: StageTimer, progress: ProgressFn) -> LoadedModel:
+    with timer.stage("load"):
+        progress("load model", 0, 1)
+        loaded = load_weights(plan.source)
+        progress("load model", 1, 1)
+    return loaded
+
+
+def calibration_stage(plan: Plan, loaded: LoadedModel) -> CalibrationSet:
+    return load_calibration(loaded.tokenizer, plan.calibration_text, plan.calib_samples, plan.seq_len, plan.seed)
+
+
+def reference_stage(plan: Plan, loaded: LoadedModel, timer: StageTimer, progress: ProgressFn) -> ReferencePack | None:
+    if plan.evaluation is None:
+        return None
+    with timer.stage("reference"):
+        return build_reference(loaded, plan.evaluation, plan.device, progress)
+
+
+def prune_stage(
+    plan: Plan,
+    dense: LoadedModel,
+    prune_spec: PruneSpec,
+    calibration: CalibrationSet,
+    timer: StageTimer,
+    progress: ProgressFn,
+    reuse_dense: bool,
+) -> PrunedModel:
+    """Calibrate and prune. The statistics-only pass leaves the weights alone, so it always works on
+    `dense`; pruning works on `dense` itself only when the caller needs it no more (`reuse_dense`)."""
+    model = dense if reuse_dense or not prune_spec.prunes else load_weights(plan.source)
+    with timer.stage("calibrate_prune"):
+        report = prune_model(model.model, calibration.input_ids, prune_spec, device=plan.device, progress=progress)
+    return PrunedModel(model, prune_spec, report, calibration, plan.seed)
+
+
+def pruning_section(pruned: PrunedModel) -> dict[str, Any]:
+    spec, report, calibration = pruned.prune_spec, pruned.report, pruned.calibration
+    return {
+        "method": spec.method if spec.prunes else None,
+        "sparsity": spec.target_sparsity,
+        "pattern": f"{spec.pattern[0]}:{spec.pattern[1]}" if spec.pattern else None,
+        "achieved_sparsity": report.overall_sparsity,
+        "per_layer": [row.__dict__ for row in report.per_layer],
+        "calibration": {
+            "source": calibration.source,
+            "sha256": calibration.sha256,
+            "encoding": calibration.encoding,
+            "samples": calibration.n_samples,
+            "seq_len": calibration.seq_len,
+            "corpus_tokens": calibration.corpus_tokens,
+            "capped_by_corpus": calibration.capped,
+        },
+        "imatrix_tokens": report.imatrix_tokens,
+        "seed": pruned.seed,
+        "options": {"percdamp": spec.percdamp, "block_size": spec.block_size} if spec.method == "sparsegpt" else {},
+    }
+
+
+def evaluation_section(figures: dict[str, Any], pack: ReferencePack, reference: Path) -> dict[str, Any]:
+    return {
+        **figures,
+        "eval_text": pack.meta.get("eval_text"),
+        "reference_pack": {"file": reference.name, "sha256": sha256_of(reference), "bytes": reference.stat().st_size},
+        "settings": pack.settings_dict(),
+    }
 
 
 def write_export(
     pruned: PrunedModel,
-    target: Target,
+    plan: Plan,
     spec: QuantSpec,
     paths: OutputPaths,
-    pack: Any,
-    device: str,
+    pack: ReferencePack | None,
     timer: StageTimer,
     progress: ProgressFn,
     overwrite: bool = False,
     save_pack: bool = True,
-) -> dict[str, Any]:
+) -> manifests.Manifest:
     """Convert + quantize, evaluate, and write artifact, reference pack and manifest together.
 
-    Everything is written under temporary names and renamed at the end (manifest first, artifact
-    last), so an interrupted or failed export leaves nothing behind under the final names. With
-    `save_pack=False` the pack already lies at `paths.reference` (a sweep shares one).
+    Everything is written under temporary names and renamed at the end (pack and manifest first,
+    artifact last), so an interrupted or failed export leaves nothing behind under the final names.
+    With `save_pack=False` the pack already lies at `paths.reference` (a sweep shares one).
     """
-    from exporter.manifest import build_manifest, evaluation_section
-    from exporter.reference import evaluate_artifact
-
-    loaded = pruned.loaded
+    target, loaded = plan.target, pruned.loaded
     with contextlib.ExitStack() as outputs:
         artifact_tmp = outputs.enter_context(atomic_path(paths.artifact, overwrite))
         with timer.stage("export"):
@@ -268,11 +358,11 @@ def write_export(
                 spec,
                 artifact_tmp,
                 imatrix=pruned.report.imatrix,
-                hints=loaded.hints,
+                hints={**loaded.hints, "artifact_name": paths.artifact.name},
                 progress=progress,
             )
         timer.split("export", result.stage_seconds)
-        figures, reference_file = None, None
+        evaluation = None
         if pack is not None:
             with timer.stage("evaluate"):
                 figures = evaluate_artifact(target, artifact_tmp, pack, progress)
@@ -280,24 +370,87 @@ def write_export(
             if save_pack:
                 reference_file = outputs.enter_context(atomic_path(paths.reference, overwrite))
                 pack.save(reference_file, overwrite=True)  # onto our own temporary name
-        result.artifact = paths.artifact
-        manifest = build_manifest(
-            name=paths.artifact.name.removesuffix(target.suffix),
-            loaded=loaded,
-            spec=spec,
-            result=result,
-            artifact_file=artifact_tmp,
-            pruning=pruning_section(pruned.prune_spec, pruned.report, pruned.calibration, pruned.seed),
-            tcr_value=tcr(sparsity_for_tcr(pruned.prune_spec), spec.bits),
-            evaluation=evaluation_section(figures, pack, paths.reference),
-            device=device,
-            timings=dict(timer.seconds),
-            reference_file=reference_file,
-        )
-        dump_json(outputs.enter_context(atomic_path(paths.manifest, overwrite)), manifest)
+            evaluation = evaluation_section(figures, pack, reference_file)
+            evaluation["reference_pack"]["file"] = paths.reference.name
+        manifest = build_manifest(pruned, plan, spec, result, artifact_tmp, paths, evaluation, timer)
+        manifest_tmp = outputs.enter_context(atomic_path(paths.manifest, overwrite))
+        manifest_tmp.write_text(manifest.to_json())
     return manifest
 
 
-def clone_model(loaded: LoadedModel) -> LoadedModel:
-    """A deep copy to prune, leaving the dense model intact for the next setting of a sweep."""
-    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+def build_manifest(
+    pruned: PrunedModel,
+    plan: Plan,
+    spec: QuantSpec,
+    result: Any,
+    artifact_file: Path,
+    paths: OutputPaths,
+    evaluation: dict[str, Any] | None,
+    timer: StageTimer,
+) -> manifests.Manifest:
+    from srcr import __version__
+
+    loaded = pruned.loaded
+    tcr_value = tcr(pruned.prune_spec.target_sparsity, spec.bits)
+    baseline = baseline_bytes(loaded.n_params)
+    actual = 1.0 - result.artifact_bytes / baseline
+    sr = evaluation["sr"] if evaluation is not None else None
+    return manifests.build(
+        {
+            "schema_version": manifests.SCHEMA_VERSION,
+            "tool": {"name": "srcr", "version": __version__},
+            "created": manifests.now(),
+            "name": paths.artifact.name.removesuffix(plan.target.suffix),
+            "format": spec.format,
+            "source_model": {
+                "id": loaded.source,
+                "path": str(loaded.path),
+                "architecture": loaded.architecture,
+                "parameters": loaded.n_params,
+                "weights_sha256": loaded.weights_sha256,
+            },
+            "pruning": pruning_section(pruned),
+            "quantization": {"bits": spec.bits, "type": spec.quant_type, **spec.options, **result.quantization},
+            "artifact": {
+                "file": paths.artifact.name,
+                "sha256": sha256_of(artifact_file),
+                "bytes": result.artifact_bytes,
+                "bits_per_weight": result.bits_per_weight,
+                **result.format_info,
+            },
+            "compression": {"tcr": tcr_value, "actual": actual, "baseline_bytes": baseline},
+            "evaluation": evaluation,
+            "srcr_definition": SRCR_DEFINITION,
+            "versions": manifests.library_versions(),
+            "device": manifests.device_section(plan.device),
+            "timings_s": dict(timer.seconds),
+            "sr": sr,
+            "srcr": srcr_score(sr, pruned.prune_spec.target_sparsity, spec.bits) if sr is not None else None,
+            "sr_actual": sr * actual if sr is not None else None,
+        }
+    )
+
+
+def run_export(
+    options: ExportOptions, progress: ProgressFn = no_progress, timer: StageTimer | None = None
+) -> manifests.Manifest:
+    """The whole export; returns the manifest that was written beside the artifact."""
+    from srcr.base.files import check_file_name
+
+    prune_options = PruneOptions(options.method, options.percdamp, options.prune_block_size)
+    prune_spec = prune_spec_for(options.sparsity, options.pattern, prune_options)
+    if options.name is not None:
+        check_file_name(options.name)
+    plan = make_plan(options, [options.bits], options.quant_type, [prune_spec])
+    spec = plan.specs[0]
+    name = options.name or default_name(plan.source.label, prune_spec, spec)
+    paths = OutputPaths.for_name(options.out, name, plan.target.suffix)
+    paths.check(options.overwrite, with_reference=plan.evaluation is not None)
+
+    timer = timer or StageTimer()
+    with workspace(options.out, name, f"{name} in {options.out}"):
+        loaded = load_stage(plan, timer, progress)
+        calibration = calibration_stage(plan, loaded)
+        pack = reference_stage(plan, loaded, timer, progress)
+        pruned = prune_stage(plan, loaded, prune_spec, calibration, timer, progress, reuse_dense=True)
+        return write_export(pruned, plan, spec, paths, pack, timer, progress, options.overwrite)

@@ -13,28 +13,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.atomic import remove_partials, write_json
-from exporter.errors import SrcrError
-from exporter.manifest import sha256_of
-from exporter.pipeline import (
-    EvalOptions,
-    ExportOptions,
+from srcr.base.errors import SrcrError
+from srcr.base.files import sha256_of, write_json
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.evaluators.reference import ReferencePack
+from srcr.exporter.evaluation import EvalOptions
+from srcr.exporter.manifest import Manifest, read_manifest
+from srcr.exporter.pipeline import (
     OutputPaths,
-    PrunedModel,
+    Plan,
+    PruneOptions,
     StageTimer,
-    clone_model,
+    calibration_stage,
     default_name,
-    load_calibration_for,
-    prune_spec_from,
-    resolve_device,
-    run_pruning,
+    load_stage,
+    make_plan,
+    prune_spec_for,
+    prune_stage,
+    reference_stage,
+    workspace,
     write_export,
 )
-from exporter.registry import get_target
-from targets.base import ProgressFn, no_progress
+from srcr.exporter.pruning import PruneSpec
 
 INDEX_FILE = "index.json"
 REFERENCE_FILE = "reference.npz"
+LOCK_NAME = "sweep"
 
 
 @dataclass
@@ -44,9 +48,10 @@ class SweepOptions:
     sparsities: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
     patterns: list[str] = field(default_factory=list)
     bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
-    method: str = "sparsegpt"
-    target_options: dict[str, Any] = field(default_factory=dict)
+    prune: PruneOptions = field(default_factory=PruneOptions)
+    target_options: dict[str, object] = field(default_factory=dict)
     calib: Path | None = None
+    calib_encoding: str | None = None
     calib_samples: int | None = None
     seq_len: int | None = None
     seed: int = 0
@@ -56,60 +61,45 @@ class SweepOptions:
     evaluation: EvalOptions = field(default_factory=EvalOptions)
 
 
-@dataclass(frozen=True)
-class PruningSetting:
-    sparsity: float
-    pattern: str | None
-
-    def export_options(self, options: SweepOptions) -> ExportOptions:
-        return ExportOptions(
-            model=options.model,
-            format=options.format,
-            method=options.method,
-            sparsity=self.sparsity,
-            pattern=self.pattern,
-            calib=options.calib,
-            calib_samples=options.calib_samples,
-            seq_len=options.seq_len,
-            seed=options.seed,
-            device=options.device,
-            allow_pickle=options.allow_pickle,
-        )
-
-
-def pruning_settings(options: SweepOptions) -> list[PruningSetting]:
-    settings = [PruningSetting(sparsity, None) for sparsity in dict.fromkeys(options.sparsities)]
-    settings += [PruningSetting(0.0, pattern) for pattern in dict.fromkeys(options.patterns)]
+def prune_specs(options: SweepOptions) -> list[PruneSpec]:
+    settings = [(sparsity, None) for sparsity in dict.fromkeys(options.sparsities)]
+    settings += [(0.0, pattern) for pattern in dict.fromkeys(options.patterns)]
     if not settings:
         raise SrcrError("the sweep has no pruning setting; pass --sparsity 0,0.25 and/or --pattern 2:4")
-    return settings
+    specs = [prune_spec_for(sparsity, pattern, options.prune) for sparsity, pattern in settings]
+    # The statistics-only (dense) settings first: they run on the dense model, which later settings may consume.
+    return sorted(specs, key=lambda spec: spec.prunes)
 
 
-def _is_done(folder: Path, manifest_file: Path, reference_sha: str) -> bool:
-    """A configuration counts as done only if its manifest, artifact and pack all check out."""
+def _is_done(folder: Path, manifest_file: Path, reference_sha: str) -> Manifest | None:
+    """A configuration's manifest if it is done: manifest valid, artifact and pack as recorded."""
     if not manifest_file.is_file():
-        return False
+        return None
     try:
-        manifest = json.loads(manifest_file.read_text())
-        artifact = folder / manifest["artifact"]["file"]
-        pack_sha = manifest["evaluation"]["reference_pack"]["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return False
-    return pack_sha == reference_sha and artifact.is_file() and sha256_of(artifact) == manifest["artifact"]["sha256"]
+        manifest = read_manifest(manifest_file)
+    except SrcrError:
+        return None
+    evaluation = manifest.evaluation
+    artifact = folder / manifest.artifact.file
+    if evaluation is None or evaluation.reference_pack.sha256 != reference_sha or not artifact.is_file():
+        return None
+    return manifest if sha256_of(artifact) == manifest.artifact.sha256 else None
 
 
-def _sweep_identity(loaded: Any, options: SweepOptions) -> dict[str, Any]:
+def _sweep_identity(plan: Plan, options: SweepOptions) -> dict[str, Any]:
     """What must match for an existing sweep folder to be resumed rather than refused."""
     evaluation = options.evaluation
     return {
-        "model_weights_sha256": loaded.weights_sha256,
+        "model_weights_sha256": plan.source.weights_sha256,
         "format": options.format,
-        "method": options.method,
-        "calib": str(options.calib) if options.calib else None,
+        "method": options.prune.method,
+        "percdamp": options.prune.percdamp,
+        "prune_block_size": options.prune.block_size,
+        "calib_sha256": plan.calibration_text.sha256,
         "calib_samples": options.calib_samples,
         "seq_len": options.seq_len,
         "seed": options.seed,
-        "eval_text": str(evaluation.eval_text) if evaluation.eval_text else None,
+        "eval_text_sha256": plan.evaluation.text.sha256 if plan.evaluation else None,
         "prompts": str(evaluation.prompts) if evaluation.prompts else None,
         "tasks": str(evaluation.tasks) if evaluation.tasks else None,
         "windows": evaluation.windows,
@@ -125,8 +115,13 @@ def _load_index(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
     index_file = folder / INDEX_FILE
     if not index_file.is_file():
         return {"identity": identity, "configurations": {}}
-    index = json.loads(index_file.read_text())
-    if index.get("identity") != identity:
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise SrcrError(
+            f"{index_file} is damaged; remove it (finished configurations are re-checked) or pass another --out"
+        ) from None
+    if not isinstance(index, dict) or index.get("identity") != identity:
         raise SrcrError(
             f"{folder} holds a sweep with other settings (model, format, calibration or evaluation); "
             "pass another --out to start a new sweep"
@@ -134,86 +129,13 @@ def _load_index(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return index
 
 
-def _reference_pack(loaded: Any, options: SweepOptions, folder: Path, device: str, progress: ProgressFn) -> Any:
-    from evaluators.reference import ReferencePack
-    from exporter.reference import build_reference
-
+def _reference_pack(plan: Plan, loaded: Any, folder: Path, timer: StageTimer, progress: ProgressFn) -> ReferencePack:
     path = folder / REFERENCE_FILE
     if path.is_file():
         return ReferencePack.load(path)
-    pack = build_reference(loaded, options.evaluation, device, progress)
+    pack = reference_stage(plan, loaded, timer, progress)
     pack.save(path)
     return pack
-
-
-def run_sweep(options: SweepOptions, progress: ProgressFn = no_progress) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep; returns the manifests of every configuration, in sweep order."""
-    from exporter.models import load_model
-
-    if not options.evaluation.enabled:
-        raise SrcrError("a sweep ranks configurations by Sr, so it always evaluates; drop --no-eval")
-    target = get_target(options.format)
-    specs = [target.resolve_quant(bits, None, **options.target_options) for bits in dict.fromkeys(options.bits)]
-    settings = pruning_settings(options)
-    prune_specs = {setting: prune_spec_from(setting.export_options(options)) for setting in settings}
-    device = resolve_device(options.device)
-    folder = Path(options.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_partials(folder)
-
-    loaded = load_model(options.model, allow_pickle=options.allow_pickle)
-    check_model = getattr(target, "check_model", None)
-    for spec in specs if check_model is not None else []:
-        check_model(loaded.model, spec)
-    calibration = load_calibration_for(loaded, settings[0].export_options(options))
-    identity = _sweep_identity(loaded, options)
-    index = _load_index(folder, identity)
-    pack = _reference_pack(loaded, options, folder, device, progress)
-    reference_sha = sha256_of(folder / REFERENCE_FILE)
-
-    plan = [
-        (setting, spec, _paths(folder, default_name(loaded.source, prune_specs[setting], spec), target.suffix))
-        for setting in settings
-        for spec in specs
-    ]
-    total, finished = len(plan), 0
-    manifests: dict[str, dict[str, Any]] = {}
-    for setting in settings:
-        todo = []
-        for planned_setting, spec, paths in plan:
-            if planned_setting != setting:
-                continue
-            if _is_done(folder, paths.manifest, reference_sha):
-                manifests[paths.manifest.name] = json.loads(paths.manifest.read_text())
-                finished += 1
-                progress("sweep: skipping finished configurations", finished, total)
-            else:
-                todo.append((spec, paths))
-        if not todo:
-            continue
-        timer = StageTimer()
-        candidate = clone_model(loaded)
-        with timer.stage("calibrate_prune"):
-            report = run_pruning(candidate, calibration, prune_specs[setting], device, progress)
-        pruned = PrunedModel(candidate, prune_specs[setting], report, calibration, options.seed)
-        for spec, paths in todo:
-            progress(f"sweep {paths.artifact.name}", finished, total)
-            config_timer = StageTimer()
-            config_timer.seconds = dict(timer.seconds)
-            manifest = write_export(
-                pruned, target, spec, paths, pack, device, config_timer, progress, overwrite=True, save_pack=False
-            )
-            manifests[paths.manifest.name] = manifest
-            index["configurations"][manifest["name"]] = {
-                "manifest": paths.manifest.name,
-                "artifact_sha256": manifest["artifact"]["sha256"],
-            }
-            write_json(folder / INDEX_FILE, index, overwrite=True)
-            finished += 1
-            progress(f"sweep {paths.artifact.name}", finished, total)
-        del candidate, pruned
-    write_json(folder / INDEX_FILE, index, overwrite=True)
-    return [manifests[paths.manifest.name] for _, _, paths in plan]
 
 
 def _paths(folder: Path, name: str, suffix: str) -> OutputPaths:
@@ -225,33 +147,99 @@ def _paths(folder: Path, name: str, suffix: str) -> OutputPaths:
     )
 
 
-def sweep_records(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_sweep(options: SweepOptions, progress: ProgressFn = no_progress) -> list[Manifest]:
+    """Run (or resume) the sweep; returns the manifests of every configuration, in sweep order."""
+    if not options.evaluation.enabled:
+        raise SrcrError("a sweep ranks configurations by Sr, so it always evaluates; drop --no-eval")
+    if not options.bits:
+        raise SrcrError("--bits is empty; pass the bit-widths to try, e.g. --bits 2,3,4,8")
+    specs_to_prune = prune_specs(options)
+    plan = make_plan(options, list(dict.fromkeys(options.bits)), None, specs_to_prune)
+    with workspace(options.out, LOCK_NAME, f"the sweep folder {options.out}") as folder:
+        return _run(plan, options, folder, specs_to_prune, progress)
+
+
+def _run(
+    plan: Plan, options: SweepOptions, folder: Path, specs_to_prune: list[PruneSpec], progress: ProgressFn
+) -> list[Manifest]:
+    identity = _sweep_identity(plan, options)
+    index = _load_index(folder, identity)
+    plan_rows = [
+        (prune_spec, spec, _paths(folder, default_name(plan.source.label, prune_spec, spec), plan.target.suffix))
+        for prune_spec in specs_to_prune
+        for spec in plan.specs
+    ]
+    shared = StageTimer()
+    dense = load_stage(plan, shared, progress)
+    pack = _reference_pack(plan, dense, folder, shared, progress)
+    reference_sha = sha256_of(folder / REFERENCE_FILE)
+    calibration = calibration_stage(plan, dense)
+
+    total, finished = len(plan_rows), 0
+    manifests: dict[Path, Manifest] = {}
+    todo: dict[PruneSpec, list[tuple[Any, OutputPaths]]] = {prune_spec: [] for prune_spec in specs_to_prune}
+    for prune_spec, spec, paths in plan_rows:
+        done = _is_done(folder, paths.manifest, reference_sha)
+        if done is not None:
+            manifests[paths.manifest] = done
+            finished += 1
+            progress("sweep: skipping finished configurations", finished, total)
+        else:
+            todo[prune_spec].append((spec, paths))
+    with_work = [prune_spec for prune_spec in specs_to_prune if todo[prune_spec]]
+    for position, prune_spec in enumerate(with_work):
+        timer = StageTimer()
+        pruned = prune_stage(
+            plan, dense, prune_spec, calibration, timer, progress, reuse_dense=position == len(with_work) - 1
+        )
+        for spec, paths in todo[prune_spec]:
+            progress(f"sweep {paths.artifact.name}", finished, total)
+            config_timer = StageTimer()
+            config_timer.seconds = dict(timer.seconds)
+            manifest = write_export(
+                pruned, plan, spec, paths, pack, config_timer, progress, overwrite=True, save_pack=False
+            )
+            manifests[paths.manifest] = manifest
+            index["configurations"][manifest.name] = {
+                "manifest": paths.manifest.name,
+                "artifact_sha256": manifest.artifact.sha256,
+            }
+            write_json(folder / INDEX_FILE, index, overwrite=True)
+            finished += 1
+            progress(f"sweep {paths.artifact.name}", finished, total)
+        del pruned
+    write_json(folder / INDEX_FILE, index, overwrite=True)
+    return [manifests[paths.manifest] for _, _, paths in plan_rows]
+
+
+def sweep_records(manifests: list[Manifest]) -> list[dict[str, Any]]:
     """The flat records the Pareto and report code work on."""
     records = []
     for manifest in manifests:
-        pruning = manifest["pruning"]
-        label = pruning["pattern"] or (f"{pruning['sparsity']:.0%}" if pruning["method"] else "dense")
+        pruning, evaluation = manifest.pruning, manifest.evaluation
+        label = pruning.pattern or (f"{pruning.sparsity:.0%}" if pruning.method else "dense")
         records.append(
             {
-                "name": manifest["name"],
-                "label": f"{label} {manifest['quantization']['type']}",
-                "sparsity": pruning["sparsity"] if pruning["method"] else 0.0,
-                "pattern": pruning["pattern"],
-                "quant": manifest["quantization"]["type"],
-                "bits": manifest["quantization"]["bits"],
-                "bytes": manifest["artifact"]["bytes"],
-                "bits_per_weight": manifest["artifact"]["bits_per_weight"],
-                "tcr": manifest["compression"]["tcr"],
-                "actual": manifest["compression"]["actual"],
-                "sr": manifest.get("sr"),
-                "srcr": manifest.get("srcr"),
-                "retention": {  # None: undefined for this model (e.g. base accuracy 0)
+                "name": manifest.name,
+                "label": f"{label} {manifest.quantization.type}",
+                "sparsity": pruning.sparsity if pruning.method else 0.0,
+                "pattern": pruning.pattern,
+                "quant": manifest.quantization.type,
+                "bits": manifest.quantization.bits,
+                "bytes": manifest.artifact.bytes,
+                "bits_per_weight": manifest.artifact.bits_per_weight,
+                "tcr": manifest.compression.tcr,
+                "actual": manifest.compression.actual,
+                "sr": manifest.sr,
+                "srcr": manifest.srcr,
+                # None: undefined for this model (e.g. base accuracy at chance)
+                "retention": {
                     key: value
-                    for key, value in ((manifest.get("evaluation") or {}).get("retention") or {}).items()
+                    for key, value in (evaluation.retention if evaluation else {}).items()
                     if value is not None
                 },
-                "kld": ((manifest.get("evaluation") or {}).get("kld") or {}).get("mean"),
-                "ppl": ((manifest.get("evaluation") or {}).get("perplexity") or {}).get("compressed"),
+                "kld": evaluation.kld.mean if evaluation else None,
+                "ppl": evaluation.perplexity.compressed if evaluation else None,
             }
         )
     return records
@@ -268,9 +256,9 @@ class SweepSummary:
 
 
 def summarize(
-    manifests: list[dict[str, Any]], budget_mb: float | None = None, min_retention: float | None = None
+    manifests: list[Manifest], budget_mb: float | None = None, min_retention: float | None = None
 ) -> SweepSummary:
-    from exporter.pareto import equal_tcr_comparison, pareto_front, recommend, recommendation_sentence
+    from srcr.exporter.pareto import equal_tcr_comparison, pareto_front, recommend, recommendation_sentence
 
     records = sweep_records(manifests)
     chosen = recommend(records, budget_mb, min_retention)
@@ -285,8 +273,8 @@ def summarize(
 
 
 def write_report(summary: SweepSummary, folder: Path, title: str) -> Path:
-    from exporter.atomic import atomic_path
-    from exporter.sweep_report import render_report
+    from srcr.base.files import atomic_path
+    from srcr.exporter.sweep_report import render_report
 
     page = render_report(
         summary.records,

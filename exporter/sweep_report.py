@@ -7,7 +7,7 @@ import html
 import io
 from typing import Any
 
-from exporter.pareto import Record, is_joint
+from srcr.exporter.pareto import Record, is_joint
 
 
 def _png_data_uri(figure: Any) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
 
 PIPED_WIDTH = 240  # columns for tables written to a pipe or file, where rich would assume 80
 
@@ -35,24 +37,57 @@ def stdout_console() -> Console:
     return console if console.is_terminal else Console(width=PIPED_WIDTH)
 
 
+class Interrupts:
+    """Ctrl-C as KeyboardInterrupt, remembered.
+
+    Python raises KeyboardInterrupt wherever the interpreter is when SIGINT arrives; inside a
+    callback from native code (llama.cpp's logger) ctypes prints and discards it, and the run would
+    go on. The flag keeps it: the next progress report raises it again.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.pending = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def stage_progress(console: Console, enabled: bool = True) -> Iterator[Any]:
+def stage_progress(console: Console, interrupts: Interrupts | None = None, enabled: bool = True) -> Iterator[Any]:
     """A ProgressFn drawing one bar per stage, keyed by the description's first word.
 
     When the console is not a terminal (output piped or logged) bars would only appear at the end,
-    so progress is written as plain timestamped lines instead.
+    so progress is written as plain timestamped lines instead. Every report first checks for a
+    Ctrl-C that native code swallowed.
     """
+    check = interrupts.check if interrupts is not None else (lambda: None)
     if not enabled:
-        yield lambda description, completed, total: None
+
+        def silent(description: str, completed: int, total: int) -> None:
+            check()
+
+        yield silent
         return
     if not console.is_terminal:
-        yield LineProgress(console)
+        lines = LineProgress(console)
+
+        def logged(description: str, completed: int, total: int) -> None:
+            check()
+            lines(description, completed, total)
+
+        yield logged
         return
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
         tasks: dict[str, Any] = {}
 
         def report(description: str, completed: int, total: int) -> None:
+            check()
             stage = description.split(" ", 1)[0].rstrip(":")
             if stage not in tasks:
                 tasks[stage] = progress.add_task(description, total=max(total, 1))
@@ -83,18 +118,26 @@ class LineProgress:
         self.console.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False, soft_wrap=True)
 
 
+NOTHING_KEPT = "no partial output was kept"
+
+
 @contextlib.contextmanager
-def user_errors(console: Console) -> Iterator[None]:
-    """SrcrError → one red line and exit 2; Ctrl-C → exit 130. Nothing partial is left by the callers."""
+def user_errors(console: Console, interrupted: str = NOTHING_KEPT) -> Iterator[Interrupts]:
+    """SrcrError → one red line and exit 2; Ctrl-C → one line and exit 130. The callers leave nothing partial."""
+    interrupts = Interrupts()
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, interrupts.handler)
     try:
         quiet_libraries()
-        yield
+        yield interrupts
     except SrcrError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: no partial output was kept")
+        console.print(f"[yellow]interrupted[/]: {escape(interrupted)}", highlight=False, soft_wrap=True)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def quiet_libraries() -> None:
@@ -102,6 +145,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' own bar while it reads the default GGUF
     import warnings
 
     from transformers.utils import logging

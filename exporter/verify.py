@@ -1,7 +1,9 @@
 """`srcr verify`: on the device, with only the artifact, its manifest and its reference pack.
 
 Checks that the files are the ones exported (sha256), re-runs the evaluators through the
-deployment runtime, and compares every figure with the manifest within tolerances.
+deployment runtime, and compares every figure with the manifest within tolerances. Every file it
+reads is untrusted: the manifest is validated against its schema, file names in it must stay
+beside it, and the pack and artifact are checked before a runtime sees them.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import SrcrError
-from exporter.manifest import read_manifest, sha256_of
-from exporter.registry import get_target
-from targets.base import ProgressFn, no_progress
+from srcr.base.errors import SrcrError
+from srcr.base.files import contained_file, sha256_of
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.evaluators.tolerances import FigureCheck
+from srcr.exporter.manifest import Manifest, read_manifest
+from srcr.targets.registry import get_target
 
 
 @dataclass
 class VerifyOutcome:
-    manifest: dict[str, Any]
-    checks: list[Any]  # evaluators.verify.FigureCheck
+    manifest: Manifest
+    checks: list[FigureCheck]
     measured: dict[str, Any]
     peak_rss_mb: float
 
@@ -30,11 +34,11 @@ class VerifyOutcome:
         return all(check.ok for check in self.checks)
 
 
-def _check_file(folder: Path, entry: dict[str, Any], what: str) -> Path:
-    path = folder / entry["file"]
+def _check_file(folder: Path, name: str, sha256: str, what: str) -> Path:
+    path = contained_file(folder, name, what)
     if not path.is_file():
         raise SrcrError(f"{what} {path} is missing; copy it next to the manifest")
-    if sha256_of(path) != entry["sha256"]:
+    if sha256_of(path) != sha256:
         raise SrcrError(
             f"{what} {path.name} does not match the manifest's sha256: the file changed since export; "
             "copy it again from the export folder"
@@ -54,17 +58,9 @@ def verify(
     device: str = "auto",
     progress: ProgressFn = no_progress,
 ) -> VerifyOutcome:
-    from evaluators.embedder import load_embedder
-    from evaluators.reference import ReferencePack, evaluate
-    from evaluators.verify import DEFAULT_TOLERANCES, compare_figures
-
-    manifest = read_manifest(manifest_path)
-    folder = Path(manifest_path).parent
-    evaluation = manifest.get("evaluation")
-    if not evaluation:
-        raise SrcrError("this manifest has no evaluation figures (exported with --no-eval); re-export without it")
-    artifact = _check_file(folder, manifest["artifact"], "artifact")
-    reference = _check_file(folder, evaluation["reference_pack"], "reference pack")
+    from srcr.evaluators.embedder import load_embedder
+    from srcr.evaluators.reference import ReferencePack, evaluate
+    from srcr.evaluators.tolerances import DEFAULT_TOLERANCES, compare_figures
 
     unknown = set(tolerances or {}) - set(DEFAULT_TOLERANCES)
     if unknown:
@@ -72,13 +68,22 @@ def verify(
             f"unknown tolerance {sorted(unknown)[0]!r}; choose among: {', '.join(sorted(DEFAULT_TOLERANCES))}"
         )
     limits = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    manifest = read_manifest(manifest_path)
+    folder = Path(manifest_path).parent
+    evaluation = manifest.evaluation
+    if evaluation is None:
+        raise SrcrError("this manifest has no evaluation figures (exported with --no-eval); re-export without it")
+    target = get_target(manifest.format)
+    artifact = _check_file(folder, manifest.artifact.file, manifest.artifact.sha256, "artifact")
+    pack_entry = evaluation.reference_pack
+    reference = _check_file(folder, pack_entry.file, pack_entry.sha256, "reference pack")
 
     pack = ReferencePack.load(reference)
-    runtime = get_target(manifest["format"]).open_runtime(artifact, device=device)
+    runtime = target.open_runtime(artifact, device=device)
     try:
         measured = evaluate(runtime, pack, load_embedder(), progress)
         measured["runtime"] = runtime.info()
     finally:
         runtime.close()
-    checks = compare_figures(evaluation, measured, limits)
+    checks = compare_figures(evaluation.model_dump(mode="json"), measured, limits)
     return VerifyOutcome(manifest=manifest, checks=checks, measured=measured, peak_rss_mb=peak_rss_bytes() / (1 << 20))

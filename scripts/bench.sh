@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the benchmarks of docs/performance.md; each prints a table and writes JSON to bench-results/.
-#   ./scripts/bench.sh                       # solver, export, eval, memory (about an hour on 2 CPU cores)
+#   ./scripts/bench.sh                       # solver, export, eval, memory, cpu (about an hour on 2 CPU cores)
 #   ./scripts/bench.sh solver eval           # just those
 # The solver bench runs at full Llama-3.1-8B shapes when CUDA is present, at 1/8 scale on CPU.
 set -euo pipefail
@@ -10,7 +10,7 @@ python=.venv/bin/python
 results=bench-results
 mkdir -p "$results"
 benches=("$@")
-[ ${#benches[@]} -eq 0 ] && benches=(solver export eval memory)
+[ ${#benches[@]} -eq 0 ] && benches=(solver export eval memory cpu)
 for bench in "${benches[@]}"; do
     case "$bench" in
         solver) "$python" bench/bench_solver.py --json "$results/solver.json" ;;
@@ -19,6 +19,7 @@ for bench in "${benches[@]}"; do
         eval) "$python" bench/bench_eval_throughput.py --export-args "--calib-samples 8 --seq-len 512" \
             --json "$results/eval_throughput.json" ;;
         memory) "$python" bench/bench_prune_memory.py --json "$results/prune_memory.json" ;;
-        *) echo "unknown bench '$bench': choose from solver export eval memory" >&2; exit 2 ;;
+        cpu) "$python" bench/bench_cpu_buffers.py --json "$results/cpu_buffers.json" ;;
+        *) echo "unknown bench '$bench': choose from solver export eval memory cpu" >&2; exit 2 ;;
     esac
 done

@@ -17,7 +17,9 @@ fi
 
 # llama-cpp-python compiles llama.cpp; the multimodal part is not needed.
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
-"${pip[@]}" install -q -e ".[dev]"
+# setuptools warns on every editable install that a folder named like the package may shadow it;
+# here that folder (srcr/) *is* the package, so the notice is noise.
+PYTHONWARNINGS="ignore::UserWarning" "${pip[@]}" install -q -e ".[dev]"
 
 # onnxruntime and onnxruntime-gpu install into the same import folder; if something pulled in the
 # CPU-only package, remove it and restore the GPU build (which falls back to the CPU provider).

@@ -1,25 +1,33 @@
-"""The contract between the pipeline, the deployment targets and the evaluators.
+"""The contract between the pipeline and a deployment target.
 
-A target is an adapter: it turns an in-memory (pruned) Hugging Face model into one deployable
-artifact at a quantization setting, and opens that artifact in its own runtime. Evaluators only
-ever see the `Runtime` interface, so GGUF and ONNX artifacts are measured by the same code.
+A target is an adapter: it checks that a model and a quantization request fit its format (before any
+expensive stage runs), turns an in-memory (pruned) Hugging Face model into one deployable artifact,
+and opens that artifact in its own runtime. Evaluators only ever see the `Runtime` interface
+(srcr.base.runtime), so GGUF and ONNX artifacts are measured by the same code. Adding a format is a
+folder under targets/ with a class implementing `Target`, and one line in targets/registry.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-# (description, completed, total): called by long-running steps so the CLI can draw progress.
-ProgressFn = Callable[[str, int, int], None]
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.runtime import Runtime
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-def no_progress(description: str, completed: int, total: int) -> None:
-    return None
+# The bit-width when the user names neither --bits nor --quant-type, for every format.
+DEFAULT_BITS = 4
+
+# Per-input-column importance of every quantized weight, keyed by Hugging Face weight name
+# ("model.layers.0.self_attn.q_proj.weight"): the mean square of its calibration inputs.
+Imatrix = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -28,66 +36,50 @@ class QuantSpec:
 
     format: str
     bits: int
-    quant_type: str  # the format's own name, e.g. "Q4_K_M" (GGUF) or "MatMulNBits-rtn" (ONNX)
-    options: dict[str, Any] = field(default_factory=dict)
+    quant_type: str  # the format's own name, e.g. "Q4_K_M" (GGUF) or "MatMulNBits-q4-wls-b32" (ONNX)
+    options: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass
 class ExportResult:
     artifact: Path
-    artifact_bytes: int
-    f16_bytes: int  # what the same tensors take at 16 bits: the denominator of actual compression
+    artifact_bytes: int  # everything the device stores: the file(s), header and tokenizer included
     bits_per_weight: float  # measured over the quantized (2-D weight) tensors
-    quantization: dict[str, Any]  # format-specific: type, type mix, imatrix use, block size, ...
-    format_info: dict[str, Any]  # library/runtime versions, opset, ...
+    quantization: dict[str, object]  # format-specific: type, type mix, imatrix use, block size, ...
+    format_info: dict[str, object]  # library/runtime versions, opset, ...
     # Wall time of the export's own steps ("convert", "quantize"), so the manifest can split them.
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-@runtime_checkable
-class Runtime(Protocol):
-    """What evaluators may ask of a deployed artifact. Token ids are the model's own vocabulary."""
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids for `text`, without BOS or other special tokens."""
-        ...
-
-    def detokenize(self, tokens: Sequence[int]) -> str: ...
-
-    def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
-        """float32 [len(tokens), vocab]: row i is log p(next token | tokens[: i + 1])."""
-        ...
-
-    def generate(self, tokens: Sequence[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of `tokens` (new tokens only), stopping early at end-of-sequence."""
-        ...
-
-    def info(self) -> dict[str, Any]:
-        """Runtime name, version and the execution provider/backend that actually ran."""
-        ...
-
-    def close(self) -> None: ...
-
-
 class Target(Protocol):
-    name: str  # "gguf" | "onnx"
+    name: str  # the --format value, e.g. "gguf"
     suffix: str  # artifact file suffix, e.g. ".gguf"
 
-    def resolve_quant(self, bits: int | None, quant_type: str | None, **options: Any) -> QuantSpec:
-        """Validate and resolve a quantization request; raise SrcrError naming the fix if impossible."""
+    def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
+        """Validate and resolve a quantization request; raise SrcrError naming the fix if impossible.
+
+        Needs no model: called before anything is loaded.
+        """
+        ...
+
+    def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:
+        """Every limit of the format that depends on the model (architecture, shapes), from its config
+        alone: called before the weights are loaded, so an unsupported model costs seconds, not minutes."""
         ...
 
     def export(
         self,
-        model: Any,
-        tokenizer: Any,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
         spec: QuantSpec,
         out: Path,
-        imatrix: dict[str, np.ndarray] | None = None,
-        hints: dict[str, Any] | None = None,
+        imatrix: Imatrix | None = None,
+        hints: Mapping[str, object] | None = None,
         progress: ProgressFn = no_progress,
     ) -> ExportResult:
         """Write the artifact to `out` (the caller guarantees `out` is a fresh temporary path)."""
         ...
 
-    def open_runtime(self, artifact: Path, device: str = "auto") -> Runtime: ...
+    def open_runtime(self, artifact: Path, device: str = "auto") -> Runtime:
+        """The artifact in the format's runtime; a damaged or foreign file raises SrcrError."""
+        ...

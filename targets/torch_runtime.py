@@ -6,37 +6,59 @@ the deployed artifact's figures come from the very same evaluator code.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import transformers
-from transformers import GenerationConfig
+
+from srcr.base.runtime import DecoderRuntime
+from srcr.targets.hf_tokens import end_of_sequence_ids, prepended_bos
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-class TorchRuntime:
-    """fp32 inference without gradients. The model is cast to float32 and moved to `device` in place."""
+class TorchRuntime(DecoderRuntime):
+    """fp32 inference without gradients on a model already placed on `device` in float32.
 
-    def __init__(self, model: Any, tokenizer: Any, device: str = "cpu") -> None:
-        self.model = model.to(device=device, dtype=torch.float32).eval()
+    Use `TorchRuntime.borrowing` to have the model moved there and back: a stage borrows the
+    model and leaves it where it found it.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str = "cpu") -> None:
+        self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self._eos_ids = self._end_of_sequence_ids()
+        self._eos_ids = set(end_of_sequence_ids(model, tokenizer))
+        self._cache: Any = None
+        # transformers renames `past_key_values` to `cache` (deprecated from 5.x on); use what the model takes.
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._keeps_rows = "logits_to_keep" in parameters
 
-    def _end_of_sequence_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return []
-        return [eos] if isinstance(eos, int) else list(eos)
+    @classmethod
+    @contextlib.contextmanager
+    def borrowing(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str = "cpu"
+    ) -> Iterator[TorchRuntime]:
+        """The model in float32 on `device` for the block, then back on its own device and dtype."""
+        parameter = next(model.parameters())
+        home_device, home_dtype = parameter.device, parameter.dtype
+        model.to(device=device, dtype=torch.float32)
+        runtime = cls(model, tokenizer, device)
+        try:
+            yield runtime
+        finally:
+            runtime.close()
+            model.to(device=home_device, dtype=home_dtype)
 
-    def _bos_prepended(self) -> int | None:
-        """The BOS id if this tokenizer opens plain text with it, else None."""
-        bos = self.tokenizer.bos_token_id
-        with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        return bos if bos is not None and with_special[:1] == [bos] else None
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -55,32 +77,20 @@ class TorchRuntime:
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         return [int(token) for token in ids]
 
-    def _input(self, tokens: Sequence[int]) -> torch.Tensor:
-        return torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-
     @torch.inference_mode()
-    def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
-        logits = self.model(input_ids=self._input(tokens), use_cache=False).logits[0]
-        return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+    def forward(self, tokens: Sequence[int], reset: bool, first_row: int) -> np.ndarray:
+        if reset or self._cache is None:
+            self._cache = transformers.DynamicCache(config=self.model.config)
+        input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        rows = len(tokens) - first_row
+        # Only the asked-for rows go through the output projection (the vocabulary-wide matmul).
+        keep = {"logits_to_keep": rows} if self._keeps_rows else {}
+        output = self.model(input_ids=input_ids, **{self._cache_argument: self._cache}, use_cache=True, **keep)
+        self._cache = next(output[key] for key in ("cache", "past_key_values") if key in output)
+        return output.logits[0, -rows:].float().cpu().numpy()
 
-    @torch.inference_mode()
-    def generate(self, tokens: Sequence[int], max_new_tokens: int) -> list[int]:
-        input_ids = self._input(tokens)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            eos_token_id=self._eos_ids or None,
-            pad_token_id=self._eos_ids[0] if self._eos_ids else None,
-        )
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
-        )
-        new = output[0, input_ids.shape[1] :].tolist()
-        # The end-of-sequence token ends the reply; it is not part of it.
-        if new and new[-1] in self._eos_ids:
-            new = new[:-1]
-        return new
+    def is_end_of_generation(self, token: int) -> bool:
+        return token in self._eos_ids
 
     def info(self) -> dict[str, Any]:
         return {
@@ -89,9 +99,8 @@ class TorchRuntime:
             "transformers": transformers.__version__,
             "device": str(self.device),
             "dtype": "float32",
-            "bos_token_id": self._bos_prepended(),
+            "bos_token_id": prepended_bos(self.tokenizer),
         }
 
     def close(self) -> None:
-        self.model = None
-        self.tokenizer = None
+        self._cache = None

@@ -25,7 +25,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
-    from exporter.models import ensure_default_checkpoint
+    from srcr.exporter.models import ensure_default_checkpoint
 
     return ensure_default_checkpoint()
 

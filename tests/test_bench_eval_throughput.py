@@ -14,12 +14,12 @@ pytest.importorskip("onnxruntime")
 
 from conftest import make_tiny_llama  # noqa: E402
 
-from evaluators.embedder import load_embedder  # noqa: E402
-from evaluators.reference import EvalSettings, build_reference_pack  # noqa: E402
-from exporter.calibration import default_eval_file, read_text  # noqa: E402
-from exporter.cli import app  # noqa: E402
-from exporter.registry import get_target  # noqa: E402
-from targets.torch_runtime import TorchRuntime  # noqa: E402
+from srcr.evaluators.embedder import load_embedder  # noqa: E402
+from srcr.evaluators.reference import EvalSettings, build_reference_pack  # noqa: E402
+from srcr.exporter.calibration import evaluation_text  # noqa: E402
+from srcr.exporter.cli import app  # noqa: E402
+from srcr.targets.registry import get_target  # noqa: E402
+from srcr.targets.torch_runtime import TorchRuntime  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_eval_throughput.py"
 PROMPTS = [{"id": "paris", "prompt": "The capital of France is"}, {"id": "colours", "prompt": "Name three colours."}]
@@ -47,13 +47,13 @@ def artifacts(smollm_tokenizer, tmp_path_factory):
     model = make_tiny_llama(smollm_tokenizer)
     settings = EvalSettings(windows=2, window_len=64, top_k=8, max_new_tokens=4, n_last_word=0)
     base = TorchRuntime(model, smollm_tokenizer)
-    eval_text = read_text(default_eval_file())
+    eval_text = evaluation_text(None, None).text
     pack = build_reference_pack(base, settings, eval_text, PROMPTS, None, load_embedder())
     paths = {}
     for fmt, bits in FORMATS.items():
         target = get_target(fmt)
         paths[fmt] = folder / f"tiny-{fmt}{target.suffix}"
-        target.export(model, smollm_tokenizer, target.resolve_quant(bits, None), paths[fmt])
+        target.export(model, smollm_tokenizer, target.resolve_quant(bits, None, {}), paths[fmt])
         pack.save(folder / f"tiny-{fmt}.reference.npz")
     return paths
 
@@ -77,7 +77,7 @@ def test_ours_and_raw_measure_the_same_tokens(bench, artifacts):
 
 
 def test_missing_pack_is_a_one_line_error(bench, tmp_path):
-    from exporter.errors import SrcrError
+    from srcr.base.errors import SrcrError
 
     artifact = tmp_path / "lonely.gguf"
     artifact.write_bytes(b"GGUF")

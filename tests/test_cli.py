@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from exporter.cli import app
+from srcr.exporter.cli import app
 
 runner = CliRunner()
 
@@ -29,7 +29,8 @@ def assert_clean_failure(result, fragment, out_dir=None):
 def test_help_explains_the_nm_convention():
     result = run("export", "--help")
     assert result.exit_code == 0
-    assert "N of every M" in " ".join(result.output.split())
+    text = " ".join(result.output.translate({ord(char): " " for char in "│╭╮╰╯─"}).split())
+    assert "N of every M" in text
 
 
 @pytest.mark.parametrize(

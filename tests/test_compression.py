@@ -1,6 +1,6 @@
 import pytest
 
-from exporter.compression import actual_compression, tcr
+from srcr.base.compression import actual_compression, tcr
 
 
 @pytest.mark.parametrize(

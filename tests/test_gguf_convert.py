@@ -18,16 +18,16 @@ from test_gguf_helpers import (
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-from exporter.calibration import default_eval_file, read_text  # noqa: E402
-from exporter.errors import SrcrError  # noqa: E402
-from targets.gguf.convert import (  # noqa: E402
+from srcr.base.errors import SrcrError  # noqa: E402
+from srcr.exporter.calibration import evaluation_text  # noqa: E402
+from srcr.targets.gguf.convert import (  # noqa: E402
     SUPPORTED_ARCHITECTURES,
     convert_to_gguf,
     interleave_rope_rows,
     rope_parameters,
 )
-from targets.gguf.runtime import LlamaCppRuntime  # noqa: E402
-from targets.gguf.vocab import detect_bpe_pre  # noqa: E402
+from srcr.targets.gguf.runtime import LlamaCppRuntime  # noqa: E402
+from srcr.targets.gguf.vocab import detect_bpe_pre  # noqa: E402
 
 
 def convert_and_run(model, tokenizer, path, ftype="F32"):
@@ -35,7 +35,7 @@ def convert_and_run(model, tokenizer, path, ftype="F32"):
     tokens = sample_tokens(tokenizer)
     runtime = LlamaCppRuntime(path, n_ctx=256)
     try:
-        served_logits = runtime.logits(tokens).astype(np.float64)
+        served_logits = runtime.forward(tokens, reset=True, first_row=0).astype(np.float64)
         served_logprobs = runtime.logprobs(tokens)
     finally:
         runtime.close()
@@ -135,7 +135,7 @@ def test_unsupported_architecture_names_the_supported_ones(smollm_tokenizer, tmp
 def test_tokenization_matches_hf_on_lee_corpus(smollm_tokenizer, tmp_path):
     model = tiny_llama(smollm_tokenizer)
     convert_to_gguf(model, smollm_tokenizer, tmp_path / "m.gguf", "F32", SMOLLM_HINTS)
-    documents = [line for line in read_text(default_eval_file()).splitlines() if line.strip()][:25]
+    documents = [line for line in evaluation_text(None, None).text.splitlines() if line.strip()][:25]
     runtime = LlamaCppRuntime(tmp_path / "m.gguf", n_ctx=64)
     try:
         for text in documents + SENTENCES:
@@ -153,7 +153,7 @@ def test_sentencepiece_style_tokenizer_matches_hf(tmp_path):
     reader = gguf.GGUFReader(tmp_path / "spm.gguf")
     assert reader.get_field("tokenizer.ggml.model").contents() == "llama"
     assert reader.get_field("tokenizer.ggml.add_space_prefix").contents() is True
-    documents = [line for line in read_text(default_eval_file()).splitlines() if line.strip()][:25]
+    documents = [line for line in evaluation_text(None, None).text.splitlines() if line.strip()][:25]
     texts = documents + SENTENCES + ["naïve café, 東京 😀", "  two  spaces"]
     runtime = LlamaCppRuntime(tmp_path / "spm.gguf", n_ctx=256)
     try:
@@ -204,18 +204,18 @@ def test_smollm2_gguf_reproduces_pytorch(default_checkpoint, tmp_path, ftype, ma
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exporter.models import HINTS_FILE
+    from srcr.exporter.models import HINTS_FILE
 
     tokenizer = AutoTokenizer.from_pretrained(default_checkpoint)
     model = AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
     hints = json.loads((default_checkpoint / HINTS_FILE).read_text())
     convert_to_gguf(model, tokenizer, tmp_path / "s.gguf", ftype, hints)
-    tokens = tokenizer(read_text(default_eval_file())[:2000], add_special_tokens=False)["input_ids"][:256]
+    tokens = tokenizer(evaluation_text(None, None).text[:2000], add_special_tokens=False)["input_ids"][:256]
     runtime = LlamaCppRuntime(tmp_path / "s.gguf", n_ctx=512)
     try:
         assert runtime.tokenize(tokenizer.decode(tokens)) == tokens
         expected = torch_logits(model, tokens)
-        logits = runtime.logits(tokens)
+        logits = runtime.forward(tokens, reset=True, first_row=0)
         assert mean_kl(expected, runtime.logprobs(tokens)) < max_kl
         assert (logits.argmax(-1) == expected.argmax(-1)).mean() > 0.98
     finally:

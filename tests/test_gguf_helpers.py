@@ -127,7 +127,7 @@ def sentencepiece_style_tokenizer(vocab_size: int = 1200):
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from exporter.calibration import default_calibration_file, read_text
+    from srcr.exporter.calibration import calibration_text
 
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
@@ -136,5 +136,5 @@ def sentencepiece_style_tokenizer(vocab_size: int = 1200):
     )
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    backend.train_from_iterator(read_text(default_calibration_file()).splitlines(), trainer)
+    backend.train_from_iterator(calibration_text(None, None).text.splitlines(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

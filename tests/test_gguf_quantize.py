@@ -15,10 +15,10 @@ from test_gguf_helpers import (
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-from exporter.errors import SrcrError  # noqa: E402
-from targets.gguf import GGUFTarget, imatrix_by_gguf_name  # noqa: E402
-from targets.gguf.convert import convert_to_gguf  # noqa: E402
-from targets.gguf.quantize import BITS_TO_TYPE, QUANT_TYPES, quantize_gguf, tensor_type_mix  # noqa: E402
+from srcr.base.errors import SrcrError  # noqa: E402
+from srcr.targets.gguf.convert import convert_to_gguf  # noqa: E402
+from srcr.targets.gguf.quantize import BITS_TO_TYPE, QUANT_TYPES, quantize_gguf, tensor_type_mix  # noqa: E402
+from srcr.targets.gguf.target import GGUFTarget, imatrix_by_gguf_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +43,16 @@ def wide_llama_f32(wide_llama, small_vocab_tokenizer, tmp_path_factory):
 
 @pytest.mark.parametrize(("bits", "expected"), sorted(BITS_TO_TYPE.items()))
 def test_bits_resolve_to_default_types(bits, expected):
-    spec = GGUFTarget().resolve_quant(bits, None)
+    spec = GGUFTarget().resolve_quant(bits, None, {})
     assert (spec.format, spec.bits, spec.quant_type) == ("gguf", bits, expected)
 
 
 def test_quant_type_by_name_is_case_insensitive():
     target = GGUFTarget()
-    assert target.resolve_quant(None, "iq2_xxs").quant_type == "IQ2_XXS"
-    assert target.resolve_quant(None, "q4_k_m").bits == 4
-    assert target.resolve_quant(4, "Q4_0").quant_type == "Q4_0"
-    assert target.resolve_quant(None, None).quant_type == "Q4_K_M"
+    assert target.resolve_quant(None, "iq2_xxs", {}).quant_type == "IQ2_XXS"
+    assert target.resolve_quant(None, "q4_k_m", {}).bits == 4
+    assert target.resolve_quant(4, "Q4_0", {}).quant_type == "Q4_0"
+    assert target.resolve_quant(None, None, {}).quant_type == "Q4_K_M"
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_quant_type_by_name_is_case_insensitive():
 )
 def test_bad_quant_requests_fail_with_one_line(bits, quant_type, message):
     with pytest.raises(SrcrError, match=message) as error:
-        GGUFTarget().resolve_quant(bits, quant_type)
+        GGUFTarget().resolve_quant(bits, quant_type, {})
     assert "\n" not in str(error.value)
     if quant_type == "q4_x":
         assert all(name in str(error.value) for name in QUANT_TYPES)
@@ -73,9 +73,9 @@ def test_bad_quant_requests_fail_with_one_line(bits, quant_type, message):
 
 def test_pure_option_gives_every_matrix_the_type(wide_llama_f32, tmp_path):
     target = GGUFTarget()
-    assert target.resolve_quant(4, None, pure=True).options == {"pure": True}
-    with pytest.raises(SrcrError, match="valid: pure"):
-        target.resolve_quant(4, None, block_size=32)
+    assert target.resolve_quant(4, None, {"pure": True}).options == {"pure": True}
+    with pytest.raises(SrcrError, match="its options: --pure"):
+        target.resolve_quant(4, None, {"quant_block_size": 32})
     source, _ = wide_llama_f32
     quantize_gguf(source, tmp_path / "pure.gguf", "Q4_K_M", None, pure=True)
     assert tensor_type_mix(tmp_path / "pure.gguf")["types"] == {"Q4_K": 15}
@@ -117,10 +117,9 @@ def test_export_reports_mix_sizes_and_imatrix(wide_llama, small_vocab_tokenizer,
     target = GGUFTarget()
     imatrix = activation_imatrix(wide_llama, sample_tokens(small_vocab_tokenizer))
     out = tmp_path / "model.gguf"
-    result = target.export(wide_llama, small_vocab_tokenizer, target.resolve_quant(4, None), out, imatrix=imatrix)
-    f16 = target.export(wide_llama, small_vocab_tokenizer, target.resolve_quant(16, None), tmp_path / "f16.gguf")
+    result = target.export(wide_llama, small_vocab_tokenizer, target.resolve_quant(4, None, {}), out, imatrix=imatrix)
+    f16 = target.export(wide_llama, small_vocab_tokenizer, target.resolve_quant(16, None, {}), tmp_path / "f16.gguf")
     assert result.artifact_bytes == out.stat().st_size
-    assert result.f16_bytes == f16.artifact_bytes == f16.f16_bytes
     assert result.quantization["llama_cpp_type"] == "Q4_K_M"
     assert result.quantization["imatrix"] is True
     assert result.quantization["imatrix_entries"] == len(imatrix) == 14
@@ -134,7 +133,7 @@ def test_export_reports_mix_sizes_and_imatrix(wide_llama, small_vocab_tokenizer,
 def test_small_rows_fall_back_and_the_file_says_so(smollm_tokenizer, tmp_path):
     model = tiny_llama(smollm_tokenizer)  # 64/128-wide rows: no 256-blocks for K-quants
     target = GGUFTarget()
-    result = target.export(model, smollm_tokenizer, target.resolve_quant(4, None), tmp_path / "m.gguf")
+    result = target.export(model, smollm_tokenizer, target.resolve_quant(4, None, {}), tmp_path / "m.gguf")
     assert "Q4_K" not in result.quantization["type_mix"]
     assert sum(result.quantization["type_mix"].values()) == 15  # 14 decoder matrices + token_embd
 
@@ -143,21 +142,21 @@ def test_export_without_imatrix_for_iq_type_fails_before_work(smollm_tokenizer, 
     target = GGUFTarget()
     out = tmp_path / "m.gguf"
     with pytest.raises(SrcrError, match="importance matrix"):
-        target.export(tiny_llama(smollm_tokenizer), smollm_tokenizer, target.resolve_quant(None, "IQ1_S"), out)
+        target.export(tiny_llama(smollm_tokenizer), smollm_tokenizer, target.resolve_quant(None, "IQ1_S", {}), out)
     assert not out.exists()
     assert leftovers(tmp_path) == []
 
 
 def test_interrupted_quantization_leaves_no_intermediate(smollm_tokenizer, tmp_path, monkeypatch):
-    import targets.gguf as gguf_target
+    import srcr.targets.gguf.target as gguf_target
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gguf_target, "quantize_gguf", interrupted)
+    monkeypatch.setattr(gguf_target, "run_in_child", interrupted)
     target = GGUFTarget()
     with pytest.raises(KeyboardInterrupt):
-        target.export(tiny_llama(smollm_tokenizer), smollm_tokenizer, target.resolve_quant(8, None), tmp_path / "m")
+        target.export(tiny_llama(smollm_tokenizer), smollm_tokenizer, target.resolve_quant(8, None, {}), tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,11 +9,11 @@ from test_gguf_helpers import SMOLLM_HINTS, sample_tokens, tiny_llama
 
 pytest.importorskip("llama_cpp")
 
-from exporter.errors import SrcrError  # noqa: E402
-from targets.base import Runtime  # noqa: E402
-from targets.gguf import GGUFTarget  # noqa: E402
-from targets.gguf.convert import convert_to_gguf  # noqa: E402
-from targets.gguf.runtime import LlamaCppRuntime  # noqa: E402
+from srcr.base.errors import SrcrError  # noqa: E402
+from srcr.base.runtime import Runtime  # noqa: E402
+from srcr.targets.gguf.convert import convert_to_gguf  # noqa: E402
+from srcr.targets.gguf.runtime import LlamaCppRuntime  # noqa: E402
+from srcr.targets.gguf.target import GGUFTarget  # noqa: E402
 
 
 @pytest.fixture(scope="module")

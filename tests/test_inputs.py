@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from exporter.atomic import atomic_path, write_json
-from exporter.calibration import load_calibration, read_text
-from exporter.errors import SrcrError
-from exporter.models import load_model
+from srcr.base.errors import SrcrError
+from srcr.base.files import atomic_path, write_json
+from srcr.exporter.calibration import calibration_text, load_calibration, read_text
+from srcr.exporter.models import load_model
 
 
 def test_missing_model_path_names_the_fix(tmp_path):
@@ -45,7 +45,7 @@ def test_tiny_model_folder_loads(tiny_llama_dir):
 
 
 def test_default_calibration_is_capped_by_the_corpus(smollm_tokenizer):
-    calibration = load_calibration(smollm_tokenizer, None, None, None, seed=0)
+    calibration = load_calibration(smollm_tokenizer, calibration_text(None, None), None, None, seed=0)
     assert calibration.capped
     assert calibration.seq_len == 2048
     assert calibration.n_samples * 2048 <= calibration.corpus_tokens
@@ -54,8 +54,8 @@ def test_default_calibration_is_capped_by_the_corpus(smollm_tokenizer):
 
 
 def test_calibration_windows_are_distinct_and_seeded(smollm_tokenizer):
-    first = load_calibration(smollm_tokenizer, None, 8, 128, seed=1).input_ids
-    again = load_calibration(smollm_tokenizer, None, 8, 128, seed=1).input_ids
+    first = load_calibration(smollm_tokenizer, calibration_text(None, None), 8, 128, seed=1).input_ids
+    again = load_calibration(smollm_tokenizer, calibration_text(None, None), 8, 128, seed=1).input_ids
     assert torch.equal(first, again)
     assert len({tuple(row.tolist()) for row in first}) == 8
 
@@ -64,15 +64,15 @@ def test_explicit_request_beyond_the_corpus_is_refused(tmp_path, smollm_tokenize
     short = tmp_path / "short.txt"
     short.write_text("A short calibration text. " * 20)
     with pytest.raises(SrcrError, match="fewer --calib-samples"):
-        load_calibration(smollm_tokenizer, short, 50, 64, seed=0)
+        load_calibration(smollm_tokenizer, read_text(short), 50, 64, seed=0)
     with pytest.raises(SrcrError, match="smaller --seq-len"):
-        load_calibration(smollm_tokenizer, short, 1, 4096, seed=0)
+        load_calibration(smollm_tokenizer, read_text(short), 1, 4096, seed=0)
 
 
 def test_jsonl_calibration_reads_text_fields(tmp_path):
     path = tmp_path / "calib.jsonl"
     path.write_text('{"text": "first document"}\n{"text": "second document"}\n')
-    assert read_text(path) == "first document\n\nsecond document"
+    assert read_text(path).text == "first document\n\nsecond document"
     path.write_text('{"body": "no text field"}\n')
     with pytest.raises(SrcrError, match="`text` field"):
         read_text(path)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from targets.logits import log_softmax
+from srcr.base.logits import log_softmax
 
 
 def test_float32_log_softmax_matches_float64_and_leaves_its_input_alone():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.errors import SrcrError
-from exporter.pareto import equal_tcr_comparison, pareto_front, recommend
+from srcr.base.errors import SrcrError
+from srcr.exporter.pareto import equal_tcr_comparison, pareto_front, recommend
 
 
 def record(name, sr, tcr, mb, sparsity=0.0):

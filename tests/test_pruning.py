@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from exporter.errors import SrcrError
-from exporter.pruning import METHODS, PruneSpec, parse_pattern, prune_model
-from exporter.pruning.driver import calibrate_layer, capture_layer_inputs, decoder_layers
-from exporter.pruning.sparsegpt import SparseGPT
+from srcr.base.errors import SrcrError
+from srcr.exporter.pruning import METHODS, PruneSpec, parse_pattern, prune_model
+from srcr.exporter.pruning.driver import Group, calibrate_layer, capture_layer_inputs, decoder_layers
+from srcr.exporter.pruning.sparsegpt import SparseGPT
 
 TINY = dict(
     vocab_size=256,
@@ -64,10 +66,10 @@ def test_every_method_hits_its_target_sparsity_exactly(method, sparsity, pattern
     report = prune_model(model, calibration_ids(), spec)
 
     assert len(report.per_layer) == 2 * len(LINEARS)
-    assert {row["layer"] for row in report.per_layer} == {0, 1}
-    assert report.per_layer[0]["name"].startswith("model.layers.0.")
+    assert {row.layer for row in report.per_layer} == {0, 1}
+    assert report.per_layer[0].name.startswith("model.layers.0.")
     for row in report.per_layer:
-        assert row["sparsity"] == spec.target_sparsity, row
+        assert row.sparsity == spec.target_sparsity, row
     assert report.overall_sparsity == spec.target_sparsity
     # Embeddings, norms and the LM head stay dense.
     assert torch.equal(model.model.embed_tokens.weight, dense_embedding)
@@ -104,7 +106,8 @@ def test_q_k_v_and_gate_up_share_one_accumulator():
     ids = calibration_ids()
     with torch.no_grad():
         inputs, kwargs = capture_layer_inputs(model, model.model.layers[0], ids, torch.device("cpu"))
-        groups = calibrate_layer(model.model.layers[0], inputs, kwargs, SparseGPT)
+        spec = PruneSpec(method="sparsegpt", sparsity=0.5)
+        groups = calibrate_layer(model.model.layers[0], inputs, kwargs, spec, SparseGPT)
     members = sorted(sorted(group.linears) for group in groups)
     assert members == [
         ["mlp.down_proj"],
@@ -114,12 +117,13 @@ def test_q_k_v_and_gate_up_share_one_accumulator():
     ]
     for group in groups:
         # Fed once per sample, not once per member.
-        assert group.tokens == ids.numel()
-        assert group.hessian.shape == (group.columns, group.columns)
+        assert group.statistics.tokens == group.method.tokens == ids.numel()
+        assert group.method.hessian.shape == (group.statistics.columns, group.statistics.columns)
 
 
-def dense_layer0_mean_squares(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean of x**2 per input column of each layer-0 linear, by plain hooks on the dense model."""
+def layer_mean_squares(model: nn.Module, ids: torch.Tensor, index: int = 0) -> dict[str, torch.Tensor]:
+    """Mean of x**2 per input column of each linear of decoder layer `index`, by plain hooks on one
+    batched forward of `model` (float64 sums)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -132,8 +136,8 @@ def dense_layer0_mean_squares(model: nn.Module, ids: torch.Tensor) -> dict[str, 
         return record
 
     handles = [
-        module.register_forward_hook(hook(f"model.layers.0.{name}.weight"))
-        for name, module in model.model.layers[0].named_modules()
+        module.register_forward_hook(hook(f"model.layers.{index}.{name}.weight"))
+        for name, module in model.model.layers[index].named_modules()
         if isinstance(module, nn.Linear)
     ]
     with torch.no_grad():
@@ -149,7 +153,7 @@ def dense_layer0_mean_squares(model: nn.Module, ids: torch.Tensor) -> dict[str, 
 def test_imatrix_is_the_mean_squared_input_of_the_dense_layer0(spec):
     model = tiny_llama()
     ids = calibration_ids()
-    expected = dense_layer0_mean_squares(model, ids)
+    expected = layer_mean_squares(model, ids, 0)
     report = prune_model(model, ids, spec)
 
     assert report.imatrix_tokens == ids.numel()
@@ -158,6 +162,143 @@ def test_imatrix_is_the_mean_squared_input_of_the_dense_layer0(spec):
         got = report.imatrix[name]
         assert got.dtype == "float32" and got.shape == (mean_square.shape[0],)
         torch.testing.assert_close(torch.from_numpy(got).double(), mean_square, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("spec", [PruneSpec("sparsegpt", 0.5), PruneSpec("wanda", 0.0, (2, 4))])
+def test_imatrix_of_a_later_layer_is_measured_behind_the_pruned_earlier_layers(spec):
+    model = tiny_llama()
+    ids = calibration_ids()
+    dense = copy.deepcopy(model)
+    report = prune_model(model, ids, spec)
+
+    # What layer 1 saw in calibration: its inputs come out of the already pruned layer 0, and layer 1
+    # itself is still dense then (a layer is pruned once all its statistics are in).
+    behind_pruned = copy.deepcopy(dense)
+    behind_pruned.model.layers[0].load_state_dict(model.model.layers[0].state_dict())
+    assert not torch.equal(
+        behind_pruned.model.layers[0].mlp.down_proj.weight, dense.model.layers[0].mlp.down_proj.weight
+    )
+    expected = layer_mean_squares(behind_pruned, ids, 1)
+    dense_statistics = layer_mean_squares(dense, ids, 1)
+
+    assert len(expected) == len(LINEARS)
+    for name, mean_square in expected.items():
+        got = torch.from_numpy(report.imatrix[name]).double()
+        torch.testing.assert_close(got, mean_square, rtol=1e-5, atol=1e-8)  # measured: within 2e-7
+        # Negative control: the dense model's statistics differ by far more than that tolerance
+        # (measured: at least 8.7% in some column of every linear), so the check above would catch an
+        # imatrix collected on dense inputs.
+        change = ((dense_statistics[name] - mean_square).abs() / mean_square).max().item()
+        assert change > 0.01, (name, change)
+
+
+def prune_one_linear(method: str, weight: torch.Tensor, spec: PruneSpec, batches=()) -> torch.Tensor:
+    """`weight` after `method` pruned it as the driver does (Group -> add_batch per batch -> prune)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data.copy_(weight)
+    group = Group({"proj": linear}, spec, METHODS[method])
+    for batch in batches:
+        group.add_batch(batch)
+    with torch.no_grad():
+        group.method.prune()
+    return linear.weight.detach().clone()
+
+
+def lowest_mask(scores: np.ndarray, k: int, axis: int | None) -> np.ndarray:
+    """Independent of masks.py: True at the k lowest scores of the array (axis None) or along `axis`."""
+    mask = np.zeros(scores.shape, dtype=bool)
+    if axis is None:
+        mask.ravel()[np.argsort(scores, axis=None, kind="stable")[:k]] = True
+    else:
+        np.put_along_axis(mask, np.argsort(scores, axis=axis, kind="stable").take(range(k), axis=axis), True, axis)
+    return mask
+
+
+def n_m_lowest(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    rows, columns = scores.shape
+    return lowest_mask(scores.reshape(rows, columns // m, m), n, axis=2).reshape(rows, columns)
+
+
+def uneven_weight(rows: int = 48, columns: int = 64, seed: int = 3) -> torch.Tensor:
+    """Random weights whose rows differ in scale, so per-matrix and per-row selections differ."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.empty(rows, 1).uniform_(0.1, 3.0, generator=generator)
+    return torch.randn(rows, columns, generator=generator) * scales
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_magnitude_removes_exactly_the_smallest_absolute_weights_of_each_matrix(sparsity):
+    weight = uneven_weight()
+    pruned = prune_one_linear("magnitude", weight, PruneSpec("magnitude", sparsity))
+    magnitude = weight.abs().double().numpy()
+    k = math.floor(sparsity * weight.numel() + 0.5)
+    expected = lowest_mask(magnitude, k, axis=None)
+    np.testing.assert_array_equal(pruned.numpy() == 0, expected)
+    assert torch.equal(pruned[torch.from_numpy(~expected)], weight[torch.from_numpy(~expected)])
+    # Every pruned |w| lies below every kept |w|.
+    assert magnitude[expected].max() < magnitude[~expected].min()
+    # Negative control: the same count taken per row is another mask on these weights.
+    assert (lowest_mask(magnitude, k // weight.shape[0], axis=1) != expected).sum() > 50
+
+
+def test_magnitude_counts_each_matrix_of_a_group_on_its_own():
+    small, large = uneven_weight(seed=4) * 0.1, uneven_weight(seed=5)
+    linears = {"small": nn.Linear(64, 48, bias=False), "large": nn.Linear(64, 48, bias=False)}
+    linears["small"].weight.data.copy_(small)
+    linears["large"].weight.data.copy_(large)
+    group = Group(linears, PruneSpec("magnitude", 0.5), METHODS["magnitude"])
+    with torch.no_grad():
+        group.method.prune()
+    for name, weight in (("small", small), ("large", large)):
+        expected = lowest_mask(weight.abs().double().numpy(), weight.numel() // 2, axis=None)
+        np.testing.assert_array_equal(linears[name].weight.detach().numpy() == 0, expected, err_msg=name)
+
+
+@pytest.mark.parametrize("pattern", [(2, 4), (4, 8)])
+def test_magnitude_n_m_removes_the_n_smallest_of_every_m_inputs(pattern):
+    weight = uneven_weight()
+    pruned = prune_one_linear("magnitude", weight, PruneSpec("magnitude", 0.0, pattern))
+    expected = n_m_lowest(weight.abs().double().numpy(), *pattern)
+    np.testing.assert_array_equal(pruned.numpy() == 0, expected)
+    assert torch.equal(pruned[torch.from_numpy(~expected)], weight[torch.from_numpy(~expected)])
+
+
+def column_scaled_batches(scales: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Calibration batches [1, tokens, columns], batch b with per-column scales scales[b]."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 40, scale.shape[0], generator=generator) * scale for scale in scales]
+
+
+def wanda_expected(weight: torch.Tensor, batches: list[torch.Tensor], sparsity: float, pattern) -> np.ndarray:
+    """Wanda's mask from the paper: |W_ij| * ||X_j||_2 over all calibration tokens, lowest per output row."""
+    x = torch.cat([batch.reshape(-1, weight.shape[1]) for batch in batches]).double().numpy()
+    scores = np.abs(weight.double().numpy()) * np.sqrt(np.square(x).sum(0))[None, :]
+    if pattern is not None:
+        return n_m_lowest(scores, *pattern)
+    return lowest_mask(scores, math.floor(sparsity * weight.shape[1] + 0.5), axis=1)
+
+
+@pytest.mark.parametrize(("sparsity", "pattern"), [(0.5, None), (0.3, None), (0.0, (2, 4))])
+def test_wanda_mask_follows_the_activations(sparsity, pattern):
+    weight = uneven_weight()
+    generator = torch.Generator().manual_seed(7)
+    # Two calibration sets with different per-column scales; each spread over batches that differ
+    # too, so only the norm over every token gives the right scores.
+    calibrations = [[torch.empty(64).uniform_(0.05, 4.0, generator=generator) for _ in range(3)] for _ in range(2)]
+    spec = PruneSpec("wanda", sparsity, pattern)
+    masks = []
+    for index, scales in enumerate(calibrations):
+        batches = column_scaled_batches(scales, seed=index)
+        pruned = prune_one_linear("wanda", weight, spec, batches)
+        expected = wanda_expected(weight, batches, sparsity, pattern)
+        np.testing.assert_array_equal(pruned.numpy() == 0, expected)
+        assert torch.equal(pruned[torch.from_numpy(~expected)], weight[torch.from_numpy(~expected)])
+        masks.append(expected)
+        # Negative controls: neither |w| alone nor the last batch's norm alone gives this mask.
+        assert (wanda_expected(weight, [torch.ones(1, 1, 64)], sparsity, pattern) != expected).sum() > 50
+        assert (wanda_expected(weight, batches[-1:], sparsity, pattern) != expected).sum() > 10
+    # Same weights, other activations: another mask.
+    assert (masks[0] != masks[1]).sum() > 50
 
 
 def test_sparsity_zero_changes_no_weight_but_collects_the_imatrix():

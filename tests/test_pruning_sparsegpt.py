@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.errors import SrcrError
-from exporter.pruning.driver import calibrate_layer, capture_layer_inputs, run_layer
-from exporter.pruning.magnitude import Magnitude
-from exporter.pruning.sparsegpt import SparseGPT, inverse_hessian_upper, prune_columnwise, prune_lazy
-from exporter.pruning.spec import PruneSpec
-from exporter.pruning.wanda import Wanda
+from srcr.base.errors import SrcrError
+from srcr.exporter.pruning.driver import Group, calibrate_layer, capture_layer_inputs, run_layer
+from srcr.exporter.pruning.magnitude import Magnitude
+from srcr.exporter.pruning.sparsegpt import SparseGPT, inverse_hessian_upper, prune_columnwise, prune_lazy
+from srcr.exporter.pruning.spec import PruneSpec
+from srcr.exporter.pruning.stats import InputStatistics
+from srcr.exporter.pruning.wanda import Wanda
 
 SETTINGS = [(0.5, None), (0.25, None), (0.0, (2, 4)), (0.0, (2, 8)), (0.0, (4, 8))]
 
@@ -92,22 +93,22 @@ def test_dead_inputs_are_zeroed_and_counted_in_the_target(pattern):
 
 def test_hessian_is_the_running_mean_of_two_x_xt():
     linear = nn.Linear(16, 8)
-    group = SparseGPT({"proj": linear})
+    group = Group({"proj": linear}, PruneSpec("sparsegpt", 0.5), SparseGPT)
     batches = [torch.randn(1, 7, 16), torch.randn(1, 5, 16), torch.randn(2, 3, 16)]
     for batch in batches:
         group.add_batch(batch)
     flat = torch.cat([batch.reshape(-1, 16) for batch in batches])
-    torch.testing.assert_close(group.hessian, 2 * flat.T @ flat / flat.shape[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(group.mean_square, flat.square().mean(0), rtol=1e-5, atol=1e-6)
-    assert group.tokens == 18
+    torch.testing.assert_close(group.method.hessian, 2 * flat.T @ flat / flat.shape[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(group.statistics.mean_square, flat.square().mean(0), rtol=1e-5, atol=1e-6)
+    assert group.method.tokens == group.statistics.tokens == 18
 
 
 def test_singular_hessian_without_dampening_names_the_fix():
     linear = nn.Linear(64, 8)
-    group = SparseGPT({"proj": linear})
+    group = Group({"proj": linear}, PruneSpec("sparsegpt", 0.5, percdamp=0.0), SparseGPT)
     group.add_batch(torch.randn(4, 64) @ torch.randn(64, 64))  # rank 4, no dead column
-    with pytest.raises(SrcrError, match="percdamp"):
-        group.prune(PruneSpec("sparsegpt", 0.5, percdamp=0.0))
+    with pytest.raises(SrcrError, match="--percdamp"):
+        group.method.prune()
 
 
 # --- real weights and real text ----------------------------------------------------------------
@@ -118,11 +119,11 @@ def smollm_layer_inputs(default_checkpoint):
     """SmolLM2-135M (dense), and the inputs of its decoder layers 0 and 8 on Lee background text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exporter.calibration import load_calibration
+    from srcr.exporter.calibration import calibration_text, load_calibration
 
     model = AutoModelForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(default_checkpoint)
-    ids = load_calibration(tokenizer, None, n_samples=8, seq_len=128, seed=0).input_ids
+    ids = load_calibration(tokenizer, calibration_text(None, None), n_samples=8, seq_len=128, seed=0).input_ids
     layers = model.model.layers
     with torch.no_grad():
         inputs, kwargs = capture_layer_inputs(model, layers[0], ids, torch.device("cpu"))
@@ -152,30 +153,73 @@ def linear_inputs(layer: nn.Module, inputs: torch.Tensor, kwargs: dict) -> dict[
     return {name: torch.cat(chunks) for name, chunks in seen.items()}
 
 
-def pruned_copy(layer, inputs, kwargs, pruner_class, spec) -> nn.Module:
+def pruned_copy(layer, inputs, kwargs, method, spec) -> nn.Module:
     layer = copy.deepcopy(layer)
     with torch.no_grad():
-        for group in calibrate_layer(layer, inputs, kwargs, pruner_class):
-            group.prune(spec)
+        for group in calibrate_layer(layer, inputs, kwargs, spec, method):
+            group.method.prune()
     return layer
 
 
+class WithinBlockSparseGPT(SparseGPT):
+    """A broken SparseGPT for the negative control: each block's errors stay inside the block, never
+    reaching the columns to its right (the cross-block update of the paper is missing)."""
+
+    def prune(self) -> None:
+        hinv, dead = inverse_hessian_upper(self.hessian, self.spec.percdamp)
+        weight = self.stacked_weight()
+        weight[:, dead] = 0
+        size = self.spec.block_size
+        for i1 in range(0, weight.shape[1], size):
+            i2 = min(i1 + size, weight.shape[1])
+            weight[:, i1:i2] = prune_columnwise(
+                weight[:, i1:i2], hinv[i1:i2, i1:i2], self.spec.sparsity, self.spec.pattern, size, self.row_splits()
+            )
+        self.write_stacked(weight)
+
+
+# Reconstruction error ||(W - W_pruned) X||^2 relative to magnitude pruning's, on SmolLM2-135M layers 0
+# and 8 (8 x 128 tokens of Lee text). Measured (torch 2.13 CPU), 50% unstructured / 2:4:
+#   srcr SparseGPT   per layer (all 7 linears summed) 0.168, 0.224 / 0.174, 0.240;
+#                    per linear 0.008-0.361 / 0.009-0.397 (the MLP's gate/up the highest)
+#   within-block     per layer 0.582, 0.541 / 0.618, 0.553;
+#                    per linear 0.128-0.696 / 0.251-0.779, above 0.5 on o/gate/up/down in every layer
+#   Wanda            per layer 0.647, 0.587 / 0.615, 0.586
+MAX_LAYER_RATIO = 0.33
+MAX_LINEAR_RATIO = 0.5
+
+
+def layer_errors(layer, inputs, kwargs, seen, spec, method) -> dict[str, float]:
+    """Each linear's reconstruction error after pruning the layer with `method`."""
+    dense = dict(layer.named_modules())
+    pruned = dict(pruned_copy(layer, inputs, kwargs, method, spec).named_modules())
+    return {linear: reconstruction_error(dense[linear].weight, pruned[linear].weight, x) for linear, x in seen.items()}
+
+
+def relative_to(errors: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """Per linear, and summed over the layer ("layer"), the errors divided by the baseline's."""
+    ratios = {linear: errors[linear] / baseline[linear] for linear in baseline}
+    return ratios | {"layer": sum(errors.values()) / sum(baseline.values())}
+
+
+def meets_quality_bar(ratios: dict[str, float]) -> bool:
+    return ratios["layer"] < MAX_LAYER_RATIO and all(ratio < MAX_LINEAR_RATIO for ratio in ratios.values())
+
+
 @pytest.mark.parametrize("spec", [PruneSpec("sparsegpt", 0.5), PruneSpec("sparsegpt", 0.0, (2, 4))])
-def test_sparsegpt_reconstructs_real_layers_better_than_magnitude_and_wanda(smollm_layer_inputs, spec):
+def test_sparsegpt_reconstructs_real_layers_far_better_than_magnitude_and_wanda(smollm_layer_inputs, spec):
     layers, kwargs = smollm_layer_inputs
     for index, (layer, inputs) in layers.items():
         seen = linear_inputs(layer, inputs, kwargs)
-        dense = dict(layer.named_modules())
-        errors = {}
-        for name, pruner in (("magnitude", Magnitude), ("wanda", Wanda), ("sparsegpt", SparseGPT)):
-            pruned = dict(pruned_copy(layer, inputs, kwargs, pruner, spec).named_modules())
-            errors[name] = {
-                linear: reconstruction_error(dense[linear].weight, pruned[linear].weight, x)
-                for linear, x in seen.items()
-            }
-        for linear in seen:
-            assert errors["sparsegpt"][linear] < errors["magnitude"][linear], (index, linear, errors)
-        assert sum(errors["sparsegpt"].values()) < sum(errors["wanda"].values())
+        magnitude = layer_errors(layer, inputs, kwargs, seen, spec, Magnitude)
+        ratios = relative_to(layer_errors(layer, inputs, kwargs, seen, spec, SparseGPT), magnitude)
+        assert meets_quality_bar(ratios), (index, ratios)
+        wanda = relative_to(layer_errors(layer, inputs, kwargs, seen, spec, Wanda), magnitude)
+        assert ratios["layer"] < 0.5 * wanda["layer"], (index, ratios, wanda)
+        # Negative control: SparseGPT without the cross-block update fails the same bar, in every layer.
+        broken = relative_to(layer_errors(layer, inputs, kwargs, seen, spec, WithinBlockSparseGPT), magnitude)
+        assert broken["layer"] >= MAX_LAYER_RATIO, (index, broken)
+        assert not meets_quality_bar(broken), (index, broken)
 
 
 @pytest.mark.parametrize(("sparsity", "pattern"), [(0.5, None), (0.0, (2, 4))])
@@ -184,9 +228,9 @@ def test_lazy_solver_matches_columnwise_on_a_real_layer(smollm_layer_inputs, spa
     layer, inputs = layers[8]
     for name, x in linear_inputs(layer, inputs, kwargs).items():
         weight = dict(layer.named_modules())[name].weight.detach().clone()
-        group = SparseGPT({name: nn.Linear(x.shape[1], 1)})
+        group = Group({name: nn.Linear(x.shape[1], 1)}, PruneSpec("sparsegpt", sparsity, pattern), SparseGPT)
         group.add_batch(x)
-        hinv, dead = inverse_hessian_upper(group.hessian, 0.01)
+        hinv, dead = inverse_hessian_upper(group.method.hessian, 0.01)
         weight[:, dead] = 0
         reference = prune_columnwise(weight, hinv, sparsity, pattern)
         for leaf in ((16, "columns"), (32, "triangular")):
@@ -199,7 +243,7 @@ def test_lazy_solver_matches_columnwise_on_a_real_layer(smollm_layer_inputs, spa
 
 @pytest.mark.parametrize("leaf", [None, (8, "triangular"), (32, "columns")])
 def test_engine_solves_with_the_leaf_it_is_given(monkeypatch, leaf):
-    import exporter.pruning.sparsegpt as sparsegpt
+    import srcr.exporter.pruning.sparsegpt as sparsegpt
 
     used = []
     real_prune_lazy = sparsegpt.prune_lazy
@@ -209,10 +253,12 @@ def test_engine_solves_with_the_leaf_it_is_given(monkeypatch, leaf):
     weight, _, inputs = correlated_problem(48, 64, 256, torch.float32)
     linear = nn.Linear(64, 48, bias=False)
     linear.weight.data.copy_(weight)
-    group = SparseGPT({"proj": linear}, leaf=leaf)
-    group.add_batch(inputs)
+    spec = PruneSpec("sparsegpt", 0.5)
+    statistics = InputStatistics(64, torch.device("cpu"))
+    group = SparseGPT({"proj": linear}, spec, statistics, leaf=leaf)
+    group.observe(inputs.reshape(-1, 64).float())
     hinv, _ = inverse_hessian_upper(group.hessian.clone(), 0.01)
-    group.prune(PruneSpec("sparsegpt", 0.5))
+    group.prune()
 
     assert (used[0]["leaf"], used[0]["leaf_solve"]) == (leaf or (16, "columns"))
     reference = prune_columnwise(weight, hinv, 0.5, None)

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from conftest import magnitude_pruned_copy
 
-from evaluators.distribution import scored_rows
-from evaluators.embedder import load_embedder
-from evaluators.prompts import load_prompts
-from evaluators.reference import EvalSettings, build_reference_pack, evaluate
-from exporter.calibration import default_eval_file, read_text
-from targets.torch_runtime import TorchRuntime
+from srcr.evaluators.distribution import scored_rows
+from srcr.evaluators.embedder import load_embedder
+from srcr.evaluators.prompts import load_prompts
+from srcr.evaluators.reference import EvalSettings, build_reference_pack, evaluate
+from srcr.exporter.calibration import evaluation_text
+from srcr.targets.torch_runtime import TorchRuntime
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ TOP_K_KL_MAX_SHORTFALL = 0.15
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from exporter.models import load_default_model
+    from srcr.exporter.models import load_default_model
 
     return load_default_model()
 
@@ -42,7 +42,9 @@ def embedder():
 @pytest.fixture(scope="module")
 def pack(smollm2, embedder):
     base = TorchRuntime(*smollm2)
-    return build_reference_pack(base, SETTINGS, read_text(default_eval_file()), load_prompts()[:6], MC_TASKS, embedder)
+    return build_reference_pack(
+        base, SETTINGS, evaluation_text(None, None).text, load_prompts()[:6], MC_TASKS, embedder
+    )
 
 
 def test_dense_model_against_its_own_pack_retains_everything(smollm2, pack, embedder):
@@ -66,8 +68,8 @@ def test_pruning_lowers_sr_and_top_k_kl_tracks_the_full_kl(smollm2, pack, embedd
     base, damaged = TorchRuntime(model, tokenizer), TorchRuntime(pruned, tokenizer)
     full = []
     for window in pack.distribution.windows:
-        p, _ = scored_rows(base.logprobs(window.tolist()), window)
-        q, _ = scored_rows(damaged.logprobs(window.tolist()), window)
+        p, _ = scored_rows(base, window)
+        q, _ = scored_rows(damaged, window)
         kl = F.kl_div(torch.from_numpy(q).double(), torch.from_numpy(p).double(), log_target=True, reduction="none")
         full.append(kl.sum(-1).numpy())
     full_mean = float(np.concatenate(full).mean())

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from exporter.pipeline import StageTimer
+from srcr.exporter.pipeline import StageTimer
 
 
 def test_stage_accumulates_and_names_the_stage_in_flight():

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import exporter.sweep as sweep_module
-from exporter.cli import app
-from exporter.pipeline import EvalOptions
-from exporter.sweep import SweepOptions, run_sweep
+import srcr.exporter.sweep as sweep_module
+from srcr.exporter.cli import app
+from srcr.exporter.pipeline import EvalOptions, PruneOptions
+from srcr.exporter.sweep import SweepOptions, run_sweep
 
 PROMPTS = Path(__file__).parent / "data" / "prompts_small.jsonl"
 FAST_EVAL = EvalOptions(windows=2, last_word_items=10, new_tokens=8, builtin_prompts=False, prompts=PROMPTS)
@@ -22,7 +22,7 @@ def options(model, out):
         model=str(model),
         sparsities=[0.0, 0.5],
         bits=[4, 8],
-        method="wanda",
+        prune=PruneOptions(method="wanda"),
         calib_samples=4,
         seq_len=64,
         out=out,
@@ -39,26 +39,26 @@ def test_killed_sweep_resumes_without_repeating_work(tmp_path, tiny_llama_dir, m
     exported = []
     real_write_export = sweep_module.write_export
     prunings = []
-    real_run_pruning = sweep_module.run_pruning
+    real_prune_stage = sweep_module.prune_stage
 
-    def counting_write_export(pruned, target, spec, paths, *args, **kwargs):
+    def counting_write_export(*args, **kwargs):
         if len(exported) == 3 and kill["armed"]:
             raise Killed  # dies in the middle of the fourth configuration
-        manifest = real_write_export(pruned, target, spec, paths, *args, **kwargs)
-        exported.append(manifest["name"])
+        manifest = real_write_export(*args, **kwargs)
+        exported.append(manifest.name)
         return manifest
 
-    def counting_run_pruning(*args, **kwargs):
-        prunings.append(args[2])  # the PruneSpec
-        return real_run_pruning(*args, **kwargs)
+    def counting_prune_stage(plan, dense, prune_spec, *args, **kwargs):
+        prunings.append(prune_spec)
+        return real_prune_stage(plan, dense, prune_spec, *args, **kwargs)
 
     kill = {"armed": True}
     monkeypatch.setattr(sweep_module, "write_export", counting_write_export)
-    monkeypatch.setattr(sweep_module, "run_pruning", counting_run_pruning)
+    monkeypatch.setattr(sweep_module, "prune_stage", counting_prune_stage)
     with pytest.raises(Killed):
         run_sweep(options(tiny_llama_dir, out))
     assert len(exported) == 3 and len(prunings) == 2  # one pruning per setting, shared by both bit-widths
-    assert not list(out.glob(".*.partial"))
+    assert not [path for path in out.iterdir() if path.name.startswith(".")]  # no temporary file, no lock
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.manifest.json")}
     assert len(done_before) == 3
 
@@ -74,7 +74,7 @@ def test_killed_sweep_resumes_without_repeating_work(tmp_path, tiny_llama_dir, m
 
     manifests_again = run_sweep(options(tiny_llama_dir, out))
     assert len(exported) == 4 and len(prunings) == 3  # a finished sweep does nothing
-    assert [m["name"] for m in manifests_again] == [m["name"] for m in manifests]
+    assert [m.name for m in manifests_again] == [m.name for m in manifests]
 
 
 def test_sweep_command_prints_recommendation_and_writes_report(tmp_path, tiny_llama_dir):

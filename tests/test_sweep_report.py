@@ -9,8 +9,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from exporter.pareto import equal_tcr_comparison, pareto_front, recommend, recommendation_sentence
-from exporter.sweep_report import render_report, scatter_groups
+from srcr.exporter.pareto import equal_tcr_comparison, pareto_front, recommend, recommendation_sentence
+from srcr.exporter.sweep_report import render_report, scatter_groups
 
 
 def records():
@@ -133,8 +133,8 @@ def test_sweep_table_shortens_names_to_what_differs_and_shows_each_retention():
 
     from rich.console import Console
 
-    from exporter.cli import common_name_prefix, sweep_tables
-    from exporter.sweep import SweepSummary
+    from srcr.exporter.cli import common_name_prefix, sweep_tables
+    from srcr.exporter.sweep import SweepSummary
 
     rows = [{**r, "name": f"tiny-llama-{r['name']}"} for r in records()]
     rows[0]["retention"] = {"perplexity": 0.9, "semantic": 0.85}  # no last-word figure for this one

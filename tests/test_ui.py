@@ -1,9 +1,11 @@
+import contextlib
 import io
 
+import pytest
 from rich.console import Console
 from rich.table import Table
 
-from exporter.ui import LineProgress, stage_progress, stdout_console
+from srcr.exporter.ui import Interrupts, LineProgress, stage_progress, stdout_console
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -14,7 +16,6 @@ def _console() -> tuple[Console, io.StringIO]:
 def test_piped_progress_prints_stage_start_and_end_only():
     console, buffer = _console()
     with stage_progress(console) as progress:
-        assert isinstance(progress, LineProgress)
         for layer in range(1, 31):
             progress(f"calibrate+prune layer {layer}/30", layer, 30)
         progress("convert to GGUF", 0, 3)
@@ -60,3 +61,15 @@ def test_piped_progress_does_not_repeat_a_line():
     progress("quantize", 211, 211)
     progress("quantize", 211, 211)
     assert len(buffer.getvalue().splitlines()) == 1
+
+
+def test_a_swallowed_ctrl_c_is_raised_at_the_next_progress_report():
+    """ctypes discards a KeyboardInterrupt raised inside a native callback; the flag keeps it."""
+    console, _ = _console()
+    interrupts = Interrupts()
+    with stage_progress(console, interrupts) as progress:
+        progress("calibrate+prune layer 1/30", 1, 30)
+        with contextlib.suppress(KeyboardInterrupt):  # what a native callback does with it
+            interrupts.handler(2, None)  # what SIGINT runs
+        with pytest.raises(KeyboardInterrupt):
+            progress("calibrate+prune layer 2/30", 2, 30)

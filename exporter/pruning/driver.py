@@ -12,21 +12,22 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from exporter.errors import SrcrError
-from exporter.pruning.magnitude import Magnitude
-from exporter.pruning.sparsegpt import SparseGPT
-from exporter.pruning.spec import PruneReport, PruneSpec, validate_spec
-from exporter.pruning.stats import InputStatistics
-from exporter.pruning.wanda import Wanda
-from targets.base import ProgressFn, no_progress
+from srcr.base.errors import SrcrError
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.shapes import linear_input_dims
+from srcr.exporter.pruning.method import SHARED_INPUT, PruningMethod
+from srcr.exporter.pruning.registry import method_class, validate_spec
+from srcr.exporter.pruning.spec import LayerSparsity, PruneReport, PruneSpec
+from srcr.exporter.pruning.stats import InputStatistics
 
-PRUNERS: dict[str, type[InputStatistics]] = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class _LayerInputsCaught(Exception):
@@ -48,15 +49,16 @@ def prune_model(
     validate_spec(spec)
     _check_calibration(calib_ids)
     layers = decoder_layers(model)
-    _check_pattern_fits(layers, spec)
-    _check_one_attention_kind(model, calib_ids.shape[1])
-    pruning = spec.target_sparsity > 0
-    pruner_class = PRUNERS[spec.method] if pruning else InputStatistics
+    check_prunable(model.config, spec, calib_ids.shape[1])
+    pruning = spec.prunes
+    method = method_class(spec.method) if pruning else None
+    if method is not None and method.grouping != SHARED_INPUT:
+        raise NotImplementedError(f"grouping {method.grouping!r} of method {spec.method!r}")
     layer_names = _module_names(model, layers)
     target = torch.device(device)
 
     start = time.perf_counter()
-    per_layer: list[dict] = []
+    per_layer: list[LayerSparsity] = []
     imatrix: dict[str, np.ndarray] = {}
     with torch.no_grad(), _inference_setup(model):
         inputs, layer_kwargs = capture_layer_inputs(model, layers[0], calib_ids, target)
@@ -65,20 +67,20 @@ def prune_model(
             layer.to(target)
             # Unpruned, the calibration pass already computes the next layer's inputs: keep them.
             outputs = None if pruning else torch.empty_like(inputs)
-            for group in calibrate_layer(layer, inputs, layer_kwargs, pruner_class, outputs):
-                if pruning:
-                    group.prune(spec)
+            for group in calibrate_layer(layer, inputs, layer_kwargs, spec, method, outputs):
+                if group.method is not None:
+                    group.method.prune()
                 for name, linear in group.linears.items():
                     full_name = f"{layer_names[index]}.{name}"
-                    imatrix[f"{full_name}.weight"] = group.mean_square.cpu().numpy()
+                    imatrix[f"{full_name}.weight"] = group.statistics.mean_square.cpu().numpy()
                     per_layer.append(_sparsity_row(index, full_name, linear.weight))
             inputs = run_layer(layer, inputs, layer_kwargs) if outputs is None else outputs
             layer.to(home)
             progress(f"calibrate+prune layer {index + 1}/{len(layers)}", index + 1, len(layers))
         del inputs
 
-    zeros = sum(round(row["sparsity"] * row["numel"]) for row in per_layer)
-    weights = sum(row["numel"] for row in per_layer)
+    zeros = sum(round(row.sparsity * row.numel) for row in per_layer)
+    weights = sum(row.numel for row in per_layer)
     return PruneReport(
         per_layer=per_layer,
         overall_sparsity=zeros / weights if weights else 0.0,
@@ -137,18 +139,35 @@ def capture_layer_inputs(
     return inputs, layer_kwargs
 
 
+class Group:
+    """Linears of one decoder layer that read the same input: their statistics, and the method pruning them."""
+
+    def __init__(self, linears: dict[str, nn.Linear], spec: PruneSpec, method: type[PruningMethod] | None) -> None:
+        first = next(iter(linears.values()))
+        self.linears = linears
+        self.statistics = InputStatistics(first.in_features, first.weight.device)
+        self.method = method(linears, spec, self.statistics) if method is not None else None
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, self.statistics.columns).float()
+        self.statistics.add(x)
+        if self.method is not None:
+            self.method.observe(x)
+
+
 def calibrate_layer(
     layer: nn.Module,
     inputs: torch.Tensor,
     layer_kwargs: dict[str, Any],
-    pruner_class: type[InputStatistics],
+    spec: PruneSpec,
+    method: type[PruningMethod] | None,
     outputs: torch.Tensor | None = None,
-) -> list[InputStatistics]:
-    """Run the samples through `layer`, feeding each distinct linear input to one pruner.
+) -> list[Group]:
+    """Run the samples through `layer`, feeding each distinct linear input to one group.
 
     Linears that receive the very same tensor in a forward (same storage, shape and strides)
     form one group; groups are found in the first sample that calls a linear. With `outputs`
-    (shaped like `inputs`), the layer's outputs are written there too.
+    (shaped like `inputs`), the layer's outputs are written there too. `method` None: statistics only.
     """
     linears = {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
     if not linears:
@@ -163,8 +182,8 @@ def calibrate_layer(
 
         return hook
 
-    groups: list[InputStatistics] = []
-    leader_of: dict[str, InputStatistics] = {}  # the member whose input feeds the group
+    groups: list[Group] = []
+    leader_of: dict[str, Group] = {}  # the member whose input feeds the group
     grouped: set[str] = set()
     handles = [module.register_forward_hook(record(name)) for name, module in linears.items()]
     try:
@@ -174,7 +193,7 @@ def calibrate_layer(
                 outputs[sample] = _hidden_states(output)[0]
             fresh = [name for name in linears if name in seen and name not in grouped]
             for members in _same_input(fresh, seen):
-                group = pruner_class({name: linears[name] for name in members})
+                group = Group({name: linears[name] for name in members}, spec, method)
                 groups.append(group)
                 leader_of[members[0]] = group
                 grouped.update(members)
@@ -218,37 +237,32 @@ def _check_calibration(calib_ids: torch.Tensor) -> None:
         raise SrcrError(f"calibration ids are {calib_ids.dtype}; pass token ids as torch.long")
 
 
-def _check_pattern_fits(layers: nn.ModuleList, spec: PruneSpec) -> None:
-    if spec.pattern is None:
-        return
-    m = spec.pattern[1]
-    for name, module in layers[0].named_modules():
-        if isinstance(module, nn.Linear) and module.in_features % m:
-            raise SrcrError(
-                f"{name} has {module.in_features} inputs, not a multiple of M={m}; pick an M that divides it"
-            )
-
-
-def _check_one_attention_kind(model: nn.Module, seq_len: int) -> None:
+def check_prunable(config: PretrainedConfig, spec: PruneSpec, seq_len: int) -> None:
+    """The model-dependent limits of a pruning request, from the config alone (before loading weights)."""
+    if spec.pattern is not None:
+        m = spec.pattern[1]
+        try:
+            dims = linear_input_dims(config)
+        except AttributeError:
+            dims = {}
+        for kind, columns in dims.items():
+            if columns % m:
+                raise SrcrError(f"{kind} has {columns} inputs, not a multiple of M={m}; pick an M that divides it")
     # Layer 0's keyword arguments serve every layer; a sliding-window layer's mask only equals a
     # full-attention layer's when the samples fit in the window.
-    config = getattr(model, "config", None)
     kinds = set(getattr(config, "layer_types", None) or [])
     window = getattr(config, "sliding_window", None)
     if len(kinds) > 1 and window is not None and seq_len > window:
         raise SrcrError(
-            f"{type(model).__name__} mixes {' and '.join(sorted(kinds))} layers; "
+            f"{getattr(config, 'model_type', 'this model')} mixes {' and '.join(sorted(kinds))} layers; "
             f"calibrate with --seq-len {window} or less so one attention mask fits every layer"
         )
 
 
-def _sparsity_row(layer: int, name: str, weight: torch.Tensor) -> dict:
-    return {
-        "layer": layer,
-        "name": name,
-        "sparsity": int((weight == 0).sum()) / weight.numel(),
-        "numel": weight.numel(),
-    }
+def _sparsity_row(layer: int, name: str, weight: torch.Tensor) -> LayerSparsity:
+    return LayerSparsity(
+        layer=layer, name=name, sparsity=int((weight == 0).sum()) / weight.numel(), numel=weight.numel()
+    )
 
 
 def _module_names(model: nn.Module, layers: nn.ModuleList) -> list[str]:

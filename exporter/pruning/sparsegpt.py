@@ -23,43 +23,61 @@ from contextlib import contextmanager
 
 import torch
 
-from exporter.errors import SrcrError
-from exporter.pruning.masks import segment_lowest_k_mask
-from exporter.pruning.spec import PruneSpec
-from exporter.pruning.stats import InputStatistics
+from srcr.base.errors import SrcrError
+from srcr.exporter.pruning.masks import segment_lowest_k_mask
+from srcr.exporter.pruning.method import PruningMethod
+from srcr.exporter.pruning.spec import PruneSpec
+from srcr.exporter.pruning.stats import InputStatistics
 
 DEFAULT_LEAF = 16
 
 
-class SparseGPT(InputStatistics):
-    def __init__(self, linears: dict[str, torch.nn.Linear], leaf: tuple[int, str] | None = None):
+class SparseGPT(PruningMethod):
+    summary = "second-order (OBS) pruning with error compensation, as in the paper (default)"
+
+    def __init__(
+        self,
+        linears: dict[str, torch.nn.Linear],
+        spec: PruneSpec,
+        statistics: InputStatistics,
+        leaf: tuple[int, str] | None = None,
+    ) -> None:
         """`leaf`: (width, "columns" | "triangular") for prune_lazy; None picks by device."""
-        super().__init__(linears)
+        super().__init__(linears, spec, statistics)
         self.leaf = leaf
+        self.tokens = 0
         self.hessian: torch.Tensor | None = torch.zeros(
-            (self.columns, self.columns), dtype=torch.float32, device=self.mean_square.device
+            (statistics.columns, statistics.columns), dtype=torch.float32, device=statistics.mean_square.device
         )
 
-    def _accumulate(self, x: torch.Tensor) -> None:
-        super()._accumulate(x)
-        total = self.tokens + x.shape[0]
+    @classmethod
+    def check(cls, spec: PruneSpec) -> None:
+        if spec.pattern is not None and spec.block_size % spec.pattern[1]:
+            raise SrcrError(
+                f"SparseGPT's {spec.block_size}-column blocks cannot hold whole groups of M={spec.pattern[1]}; "
+                f"pick an M that divides {spec.block_size}, such as 2:4 or 4:8, or another --prune-block-size"
+            )
+
+    def observe(self, inputs: torch.Tensor) -> None:
+        total = self.tokens + inputs.shape[0]
         self.hessian.mul_(self.tokens / total)
-        scaled = x * math.sqrt(2.0 / total)
+        scaled = inputs * math.sqrt(2.0 / total)
         with hessian_matmul_precision(scaled.device):
             self.hessian.addmm_(scaled.T, scaled)
+        self.tokens = total
 
-    def prune(self, spec: PruneSpec) -> None:
-        hinv, dead = inverse_hessian_upper(self.hessian, spec.percdamp)
+    def prune(self) -> None:
+        hinv, dead = inverse_hessian_upper(self.hessian, self.spec.percdamp)
         self.hessian = None
         weight = self.stacked_weight()
         weight[:, dead] = 0
-        leaf, leaf_solve = self.leaf or leaf_settings(weight.device, spec.pattern)
+        leaf, leaf_solve = self.leaf or leaf_settings(weight.device, self.spec.pattern)
         pruned = prune_lazy(
             weight,
             hinv,
-            spec.sparsity,
-            spec.pattern,
-            spec.block_size,
+            self.spec.sparsity,
+            self.spec.pattern,
+            self.spec.block_size,
             row_splits=self.row_splits(),
             leaf=leaf,
             leaf_solve=leaf_solve,
@@ -114,13 +132,21 @@ def inverse_hessian_upper(hessian: torch.Tensor, percdamp: float) -> tuple[torch
     diagonal.add_(percdamp * diagonal.mean())
     lower, info = torch.linalg.cholesky_ex(hessian)
     if info.item() != 0:
-        raise SrcrError(
-            f"the calibration Hessian is not positive definite at percdamp {percdamp}; "
-            "raise percdamp (e.g. 0.1) or use more calibration samples"
-        )
+        raise _not_positive_definite(percdamp)
     inverse = torch.cholesky_inverse(lower)
     del lower
-    return torch.linalg.cholesky(inverse, upper=True), dead
+    # H^-1 of a barely positive definite H can lose definiteness to rounding: guard the second factorization too.
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    if info.item() != 0:
+        raise _not_positive_definite(percdamp)
+    return upper, dead
+
+
+def _not_positive_definite(percdamp: float) -> SrcrError:
+    return SrcrError(
+        f"the calibration Hessian is not positive definite at --percdamp {percdamp}; "
+        f"raise it (e.g. --percdamp {max(0.1, percdamp * 10):g}) or calibrate on more samples"
+    )
 
 
 def _check_shapes(weight: torch.Tensor, pattern: tuple[int, int] | None, block_size: int) -> None:

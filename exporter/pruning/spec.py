@@ -1,26 +1,27 @@
-"""What to prune and what pruning did: the request, its validation, and the report."""
+"""What to prune and what pruning did: the request, its generic validation, and the report."""
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+DEFAULT_PERCDAMP = 0.01
+DEFAULT_BLOCK_SIZE = 128
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    method: str  # "magnitude" | "wanda" | "sparsegpt"
+    method: str  # a key of srcr.exporter.pruning.registry.METHODS
     sparsity: float  # unstructured fraction in [0, 1); ignored when pattern is set
     pattern: tuple[int, int] | None = None  # (n, m): n of every m consecutive input weights zeroed
-    block_size: int = 128  # SparseGPT lazy-update block
-    percdamp: float = 0.01  # SparseGPT Hessian dampening
+    block_size: int = DEFAULT_BLOCK_SIZE  # SparseGPT: columns per lazy-update block
+    percdamp: float = DEFAULT_PERCDAMP  # SparseGPT: Hessian dampening, a fraction of its mean diagonal
 
     @property
     def target_sparsity(self) -> float:
@@ -29,12 +30,26 @@ class PruneSpec:
             return n / m
         return float(self.sparsity)
 
+    @property
+    def prunes(self) -> bool:
+        """False for the statistics-only pass (sparsity 0, no pattern): the weights stay as they are."""
+        return self.target_sparsity > 0
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    layer: int
+    name: str  # the linear's module name, e.g. "model.layers.3.mlp.down_proj"
+    sparsity: float  # zeros / numel after pruning
+    numel: int
+
 
 @dataclass
 class PruneReport:
-    per_layer: list[dict]  # {"layer": int, "name": str, "sparsity": float, "numel": int} per pruned linear
+    per_layer: list[LayerSparsity]
     overall_sparsity: float  # zeros / numel over all pruned linears
-    imatrix: dict[str, np.ndarray]  # "<linear>.weight" -> float32 [in_features]: mean of x_j**2 over tokens
+    # "<linear>.weight" -> float32 [in_features]: the mean of x_j**2 over calibration tokens (llama.cpp's imatrix)
+    imatrix: dict[str, np.ndarray] = field(repr=False)
     imatrix_tokens: int
     seconds: float
 
@@ -54,22 +69,17 @@ def _check_pattern(n: int, m: int) -> None:
         raise SrcrError(f"pattern {n}:{m} needs 0 < N < M; pass one such as 2:4 (50%) or 2:8 (25%)")
 
 
-def validate_spec(spec: PruneSpec) -> None:
-    """Refuse a request before any weight is touched."""
-    if spec.method not in METHODS:
-        raise SrcrError(f"unknown pruning method {spec.method!r}; choose one of {', '.join(METHODS)}")
+def check_generic(spec: PruneSpec) -> None:
+    """The checks every method shares; a method adds its own (PruningMethod.check)."""
     if spec.pattern is not None:
         if len(spec.pattern) != 2:
             raise SrcrError(f"pattern {spec.pattern!r} is not (N, M); pass two integers such as (2, 4)")
         _check_pattern(*spec.pattern)
     if not (math.isfinite(spec.sparsity) and 0.0 <= spec.sparsity < 1.0):
-        raise SrcrError(f"sparsity {spec.sparsity} is outside [0, 1); pass a fraction such as 0.5")
+        raise SrcrError(f"--sparsity {spec.sparsity} is outside [0, 1); pass a fraction such as 0.25")
+    if spec.pattern is not None and spec.sparsity:
+        raise SrcrError("pass either --sparsity (unstructured) or --pattern N:M, not both")
     if spec.block_size < 1:
-        raise SrcrError(f"block_size {spec.block_size} must be positive; the SparseGPT default is 128")
-    if spec.method == "sparsegpt" and spec.pattern is not None and spec.block_size % spec.pattern[1]:
-        raise SrcrError(
-            f"SparseGPT's {spec.block_size}-column blocks cannot hold whole groups of M={spec.pattern[1]}; "
-            f"pick an M that divides {spec.block_size}, such as 2:4 or 4:8"
-        )
-    if not (math.isfinite(spec.percdamp) and spec.percdamp >= 0):
-        raise SrcrError(f"percdamp {spec.percdamp} must be a non-negative number; the default is 0.01")
+        raise SrcrError(f"--prune-block-size {spec.block_size} must be positive; the default is {DEFAULT_BLOCK_SIZE}")
+    if not (math.isfinite(spec.percdamp) and 0 <= spec.percdamp <= 10):
+        raise SrcrError(f"--percdamp {spec.percdamp} must be a number in [0, 10]; the default is {DEFAULT_PERCDAMP}")

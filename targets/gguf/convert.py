@@ -10,14 +10,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import gguf
 import numpy as np
 import torch
 
-from exporter.errors import SrcrError
-from targets.gguf.vocab import tokenizer_metadata
+from srcr.base.errors import SrcrError
+from srcr.base.shapes import head_dim as head_dim_of
+from srcr.targets.gguf.vocab import tokenizer_metadata
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
 _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}
 
 
-def architecture_spec(config: Any) -> ArchitectureSpec:
+def architecture_spec(config: PretrainedConfig) -> ArchitectureSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in _ARCHITECTURES:
         raise SrcrError(
@@ -77,10 +81,6 @@ def convert_to_gguf(
     return names
 
 
-def _head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any, file_type: int, name: str) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(Path(str(name)).name)
@@ -90,7 +90,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any, file_type: int, n
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    head_dim = _head_dim(config)
+    head_dim = head_dim_of(config)
     if head_dim * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -101,7 +101,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any, file_type: int, n
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
+def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
     """RoPE settings from `config.rope_parameters` (transformers 5) or the older top-level fields."""
     params = getattr(config, "rope_parameters", None)
     merged = dict(params) if isinstance(params, dict) else {}
@@ -131,7 +131,7 @@ def _add_rope(writer: gguf.GGUFWriter, config: Any) -> np.ndarray | None:
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
         return None
     if kind == "llama3":
-        return llama3_rope_factors(rope, _head_dim(config))
+        return llama3_rope_factors(rope, head_dim_of(config))
     raise SrcrError(f"rope type {kind!r} is not supported by the GGUF target (default, linear, yarn, llama3 are)")
 
 

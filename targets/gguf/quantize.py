@@ -17,9 +17,9 @@ import gguf
 import llama_cpp
 import numpy as np
 
-from exporter.errors import SrcrError
-from targets.gguf.llama_log import captured_llama_log, failure_reason
-from targets.gguf.runtime import available_threads
+from srcr.base.errors import SrcrError
+from srcr.base.runtime import available_threads
+from srcr.targets.gguf.llama_log import captured_llama_log, failure_reason
 
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 
@@ -131,14 +131,3 @@ def tensor_type_mix(path: Path) -> dict[str, Any]:
         "bits_per_weight": 8 * n_bytes / n_weights if n_weights else 0.0,
         "n_weights": n_weights,
     }
-
-
-def f16_file_bytes(path: Path) -> int:
-    """Size of the same GGUF with every weight matrix in F16 (norms and biases stay F32)."""
-    reader = gguf.GGUFReader(path)
-    alignment = reader.alignment
-    data = 0
-    for tensor in reader.tensors:
-        bytes_per_value = 2 if len(tensor.shape) >= 2 else 4
-        data += gguf.GGUFWriter.ggml_pad(int(tensor.n_elements) * bytes_per_value, alignment)
-    return int(reader.data_offset) + data

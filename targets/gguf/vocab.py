@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Pre-tokenizer names written by this module's own detection; a caller's hint may name any other
 # pre-tokenizer llama.cpp knows (the written file is load-checked by llama.cpp afterwards).
@@ -59,7 +63,9 @@ class TokenizerMetadata:
             writer.add_chat_template(self.chat_template)
 
 
-def tokenizer_metadata(tokenizer: Any, n_vocab: int, hints: dict[str, Any] | None = None) -> TokenizerMetadata:
+def tokenizer_metadata(
+    tokenizer: PreTrainedTokenizerBase, n_vocab: int, hints: Mapping[str, object] | None = None
+) -> TokenizerMetadata:
     """Describe `tokenizer` for llama.cpp, padded to the model's `n_vocab` embedding rows."""
     spec = _tokenizer_json(tokenizer)
     model = spec.get("model", {})

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import SrcrError
+from srcr.base.errors import SrcrError
 
 TOKENIZER_KEY = "srcr.tokenizer_json.zlib.base64"
 MODEL_KEY = "srcr.model"
@@ -44,24 +46,6 @@ def decode_tokenizer(stored: str) -> str:
     return zlib.decompress(base64.b64decode(stored)).decode("utf-8")
 
 
-def end_of_sequence_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Same rule as the torch reference runtime: generation config first, then the tokenizer."""
-    generation_config = getattr(model, "generation_config", None)
-    eos = getattr(generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(eos)] if isinstance(eos, int) else [int(token) for token in eos]
-
-
-def prepended_bos(tokenizer: Any) -> int | None:
-    """The BOS id if the tokenizer opens plain text with it (the evaluators prepend it themselves)."""
-    bos = tokenizer.bos_token_id
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return int(bos) if bos is not None and with_special[:1] == [bos] else None
-
-
 @dataclass(frozen=True)
 class ModelFacts:
     eos_token_ids: list[int]
@@ -77,7 +61,20 @@ class ModelFacts:
 
     @classmethod
     def from_json(cls, text: str) -> ModelFacts:
-        return cls(**json.loads(text))
+        """The facts stored in an artifact; anything malformed (a foreign or crafted file) is a SrcrError."""
+        import pydantic
+
+        try:
+            facts = pydantic.TypeAdapter(cls).validate_json(text, strict=True)
+        except pydantic.ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "facts"
+            raise SrcrError(
+                f"the artifact's model facts are malformed ({where}: {first['msg']}); re-export it"
+            ) from None
+        if min(facts.vocab_size, facts.layers, facts.kv_heads, facts.head_dim) < 1:
+            raise SrcrError("the artifact's model facts hold a non-positive size; re-export it")
+        return facts
 
 
 def attach_metadata(
@@ -108,30 +105,38 @@ def tensor_bytes(model: Any) -> dict[str, int]:
     return sizes
 
 
-def external_data_name(out: Path, hints: dict[str, Any] | None) -> str:
+def external_data_name(out: Path, hints: Mapping[str, object] | None) -> str:
     """`<final artifact name>.data` when the caller says what the final name is, else `<out name>.data`."""
     final_name = (hints or {}).get("artifact_name") or Path(out).name
     return f"{final_name}.data"
 
 
-def save_model(model: Any, out: Path, hints: dict[str, Any] | None) -> Path | None:
-    """Write `model` to `out`; return the external data file when the graph is too large for one file."""
+def save_model(model: Any, out: Path, workdir: Path, hints: Mapping[str, object] | None) -> Path | None:
+    """Write `model` to `out`; return the external data file when the graph is too large for one file.
+
+    The data file's name is recorded inside the graph, so it is written under its final name in
+    `workdir` and moved beside `out` complete: a killed export never leaves a half-written one.
+    """
     import onnx
 
     out = Path(out)
     if sum(tensor_bytes(model).values()) < EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(out))
         return None
-    data = out.parent / external_data_name(out, hints)
-    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    name = external_data_name(out, hints)
+    staged = Path(workdir) / "external"
+    staged.mkdir(exist_ok=True)
     onnx.save_model(
         model,
-        str(out),
+        str(staged / out.name),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
-        location=data.name,
+        location=name,
         size_threshold=1024,
     )
+    data = out.parent / name
+    os.replace(staged / name, data)
+    os.replace(staged / out.name, out)
     return data
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from targets.onnx.graph import WeightMap
-from targets.onnx.matmul_nbits import unpack_table
-from targets.onnx.onnx_edit import GraphEditor
+from srcr.targets.onnx.graph import WeightMap
+from srcr.targets.onnx.matmul_nbits import unpack_table
+from srcr.targets.onnx.onnx_edit import GraphEditor
 
 
 def _attributes(node: Any) -> dict[str, int]:

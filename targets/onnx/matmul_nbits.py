@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from targets.base import ProgressFn, no_progress
-from targets.onnx.onnx_edit import MS_DOMAIN, GraphEditor, ensure_ms_opset, float16_faithful
+from srcr.targets.base import ProgressFn, no_progress
+from srcr.targets.onnx.onnx_edit import MS_DOMAIN, GraphEditor, ensure_ms_opset, float16_faithful
 
 ALGORITHMS = ("wls", "hqq", "rtn")
 

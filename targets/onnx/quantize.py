@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from targets.base import ProgressFn, QuantSpec, no_progress
-from targets.onnx import spec as specs
-from targets.onnx.graph import WeightMap
-from targets.onnx.matmul_nbits import quiet_ort_quantizers
+from srcr.targets.base import ProgressFn, QuantSpec, no_progress
+from srcr.targets.onnx import spec as specs
+from srcr.targets.onnx.graph import WeightMap
+from srcr.targets.onnx.matmul_nbits import quiet_ort_quantizers
 
 
 @dataclass
@@ -32,9 +32,9 @@ def quantize_graph(
     progress: ProgressFn = no_progress,
 ) -> Quantized:
     """The quantized graph (`proto` is edited in place or replaced), and what was quantized or shared."""
-    from targets.onnx.embedding import share_tied_embedding
-    from targets.onnx.matmul_nbits import BlockQuantConfig, quantize_linear_weights
-    from targets.onnx.onnx_edit import store_as_float16
+    from srcr.targets.onnx.embedding import share_tied_embedding
+    from srcr.targets.onnx.matmul_nbits import BlockQuantConfig, quantize_linear_weights
+    from srcr.targets.onnx.onnx_edit import store_as_float16
 
     scheme = spec.options["scheme"]
     if scheme == specs.DYNAMIC:
@@ -70,7 +70,7 @@ def _quantize_dynamic(proto: Any, weights: WeightMap, workdir: Path) -> Quantize
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from targets.onnx.artifact import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+    from srcr.targets.onnx.artifact import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 
     source, target = workdir / "float.onnx", workdir / "dynamic.onnx"
     large = sum(tensor_bytes(proto).values()) >= EXTERNAL_DATA_THRESHOLD

@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from exporter.errors import SrcrError
-from targets.base import QuantSpec
-from targets.onnx.matmul_nbits import ALGORITHMS
+from srcr.base.errors import SrcrError
+from srcr.base.shapes import linear_input_dims
+from srcr.targets.base import DEFAULT_BITS, QuantSpec
+from srcr.targets.onnx.matmul_nbits import ALGORITHMS
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 FORMAT = "onnx"
 WEIGHT_ONLY, DYNAMIC, UNQUANTIZED = "weight-only", "dynamic", "none"
 SCHEMES = (WEIGHT_ONLY, DYNAMIC)
 BLOCK_BITS = (2, 4, 8)
 FLOAT_BITS = (16, 32)
-DEFAULT_BITS = 4
 DEFAULT_BLOCK_SIZE = 32
 # Measured on SmolLM2-135M at 4 bits, block 32 (docs/onnx.md): wls beats hqq and rtn on KL, bytes and speed.
 DEFAULT_ALGO = "wls"
-OPTIONS = ("block_size", "symmetric", "quant_algo", "quant_scheme")
+# Request options, named as their CLI flags (--quant-block-size, ...).
+OPTIONS = ("quant_block_size", "symmetric", "quant_algo", "quant_scheme")
 _BLOCK_TYPE = re.compile(r"^matmulnbits-q(?P<bits>\d+)-(?P<algo>[a-z]+)-b(?P<block>\d+)(?P<sym>-sym)?$")
 
 
@@ -45,7 +50,7 @@ def _from_quant_type(quant_type: str) -> dict[str, Any]:
     parsed: dict[str, Any] = {
         "bits": int(match["bits"]),
         "quant_algo": match["algo"],
-        "block_size": int(match["block"]),
+        "quant_block_size": int(match["block"]),
         "quant_scheme": WEIGHT_ONLY,
     }
     if match["sym"]:
@@ -66,7 +71,9 @@ def _check_bits(bits: int) -> None:
 def _check_block_size(block_size: int) -> None:
     # MatMulNBits' own rule: a power of two, at least 16.
     if block_size < 16 or block_size & (block_size - 1):
-        raise SrcrError(f"--block-size {block_size} is invalid; use a power of two of at least 16 (16, 32, 64, 128)")
+        raise SrcrError(
+            f"--quant-block-size {block_size} is invalid; use a power of two of at least 16 (16, 32, 64, 128)"
+        )
 
 
 def quant_type_name(bits: int, scheme: str, algo: str | None, block_size: int | None, symmetric: bool) -> str:
@@ -77,10 +84,12 @@ def quant_type_name(bits: int, scheme: str, algo: str | None, block_size: int | 
     return f"MatMulNBits-q{bits}-{algo}-b{block_size}" + ("-sym" if symmetric else "")
 
 
-def resolve(bits: int | None, quant_type: str | None, **options: Any) -> QuantSpec:
+def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
     unknown = sorted(key for key, value in options.items() if key not in OPTIONS and value is not None)
     if unknown:
-        raise SrcrError(f"unknown ONNX option(s) {', '.join(unknown)}; the ONNX target takes {', '.join(OPTIONS)}")
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in unknown)
+        valid = ", ".join(f"--{key.replace('_', '-')}" for key in OPTIONS)
+        raise SrcrError(f"{flags} do not apply to --format onnx (its options: {valid}); drop them")
     options = {key: value for key, value in options.items() if value is not None}
     if quant_type:
         parsed = _from_quant_type(quant_type)
@@ -111,25 +120,29 @@ def resolve(bits: int | None, quant_type: str | None, **options: Any) -> QuantSp
     symmetric = bool(options.get("symmetric", False))
     if symmetric and algo != "rtn":
         raise SrcrError(f"--symmetric needs --quant-algo rtn: {algo} blocks are asymmetric by construction")
-    block_size = int(options.get("block_size", DEFAULT_BLOCK_SIZE))
+    block_size = int(options.get("quant_block_size", DEFAULT_BLOCK_SIZE))
     _check_block_size(block_size)
     spec_options = {"scheme": WEIGHT_ONLY, "algo": algo, "block_size": block_size, "symmetric": symmetric}
     return QuantSpec(FORMAT, bits, quant_type_name(bits, WEIGHT_ONLY, algo, block_size, symmetric), spec_options)
 
 
-def check_block_size_fits(model: Any, spec: QuantSpec) -> None:
+def check_block_size_fits(config: PretrainedConfig, spec: QuantSpec) -> None:
     """Every quantized matrix's input dimension must be a whole number of blocks."""
-    import torch
-
     block_size = spec.options.get("block_size")
     if spec.options.get("scheme") != WEIGHT_ONLY or block_size is None:
         return
-    dims = {name: module.in_features for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    try:
+        dims = linear_input_dims(config)
+    except (AttributeError, TypeError):
+        raise SrcrError(
+            f"the ONNX target needs a Llama-style config (hidden_size, intermediate_size, heads); "
+            f"{type(config).__name__} lacks one"
+        ) from None
     misfits = {name: dim for name, dim in dims.items() if dim % block_size}
     if not misfits:
         return
     name, dim = next(iter(misfits.items()))
     common = math.gcd(*dims.values())
     fitting = [str(size) for size in (16, 32, 64, 128, 256) if common % size == 0]
-    advice = f"choose --block-size {' or '.join(fitting)}" if fitting else "use --bits 16 or --format gguf"
-    raise SrcrError(f"--block-size {block_size} does not divide the input dimension {dim} of {name}; {advice}")
+    advice = f"choose --quant-block-size {' or '.join(fitting)}" if fitting else "use --bits 16 or --format gguf"
+    raise SrcrError(f"--quant-block-size {block_size} does not divide the input dimension {dim} of {name}; {advice}")

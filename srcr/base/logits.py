@@ -1,4 +1,4 @@
-"""Log-probabilities from a runtime's raw logits, shared by the runtimes."""
+"""Log-probabilities from a runtime's raw logits, shared by every runtime."""
 
 from __future__ import annotations
 

@@ -1,0 +1,97 @@
+"""The pipeline's evaluation stages: the dense model's reference pack, and measuring an artifact.
+
+Every evaluation input (text, prompts, tasks, settings) is read and checked by `eval_inputs`
+before the first expensive stage, so a bad file costs a second, not a calibration run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from srcr.base.progress import ProgressFn
+from srcr.evaluators.reference import EvalSettings, ReferencePack
+from srcr.exporter.calibration import TextSource, evaluation_text
+from srcr.exporter.models import LoadedModel
+from srcr.targets.base import Target
+
+
+@dataclass
+class EvalOptions:
+    enabled: bool = True
+    eval_text: Path | None = None
+    eval_encoding: str | None = None
+    prompts: Path | None = None
+    tasks: Path | None = None
+    windows: int | None = None
+    top_k: int | None = None
+    last_word_items: int | None = None
+    new_tokens: int | None = None
+    builtin_prompts: bool = True
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    settings: EvalSettings
+    text: TextSource
+    prompts: list[dict[str, str]]
+    tasks: list[dict[str, Any]] | None
+
+
+def eval_settings(options: EvalOptions) -> EvalSettings:
+    overrides = {
+        "windows": options.windows,
+        "top_k": options.top_k,
+        "n_last_word": options.last_word_items,
+        "max_new_tokens": options.new_tokens,
+    }
+    settings = EvalSettings(**{key: value for key, value in overrides.items() if value is not None})
+    settings.validate()
+    return settings
+
+
+def eval_inputs(options: EvalOptions) -> EvalInputs:
+    """Read and check every evaluation input now."""
+    from srcr.evaluators.prompts import load_prompts
+    from srcr.evaluators.tasks import load_mc_tasks
+
+    return EvalInputs(
+        settings=eval_settings(options),
+        text=evaluation_text(options.eval_text, options.eval_encoding),
+        prompts=load_prompts(options.prompts, include_builtin=options.builtin_prompts),
+        tasks=load_mc_tasks(options.tasks) if options.tasks else None,
+    )
+
+
+def build_reference(loaded: LoadedModel, inputs: EvalInputs, device: str, progress: ProgressFn) -> ReferencePack:
+    """Run the dense model once over the evaluation inputs (before pruning touches it); the model
+    goes back to where it was afterwards."""
+    from srcr.evaluators.embedder import load_embedder
+    from srcr.evaluators.reference import build_reference_pack
+    from srcr.targets.torch_runtime import TorchRuntime
+
+    with TorchRuntime.borrowing(loaded.model, loaded.tokenizer, device) as base:
+        pack = build_reference_pack(
+            base, inputs.settings, inputs.text.text, inputs.prompts, inputs.tasks, load_embedder(), progress
+        )
+    pack.meta["eval_text"] = {
+        "source": str(inputs.text.path),
+        "sha256": inputs.text.sha256,
+        "encoding": inputs.text.encoding,
+    }
+    return pack
+
+
+def evaluate_artifact(target: Target, artifact: Path, pack: ReferencePack, progress: ProgressFn) -> dict[str, Any]:
+    """Every figure for the artifact in its own runtime (chosen by the runtime: its accelerator if any)."""
+    from srcr.evaluators.embedder import load_embedder
+    from srcr.evaluators.reference import evaluate
+
+    runtime = target.open_runtime(artifact, device="auto")
+    try:
+        figures = evaluate(runtime, pack, load_embedder(), progress)
+        figures["runtime"] = runtime.info()
+    finally:
+        runtime.close()
+    return figures

@@ -1,0 +1,175 @@
+"""The ONNX deployment target: a KV-cache decoder graph, weight-only MatMulNBits blocks, ONNX Runtime.
+
+docs/onnx.md describes the graph, the quantization options (with measurements) and the artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from srcr.base.errors import SrcrError
+from srcr.base.files import temporary_folder
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.targets.base import ExportResult, Imatrix, QuantSpec
+from srcr.targets.onnx import spec as specs
+from srcr.targets.onnx.quantize import Quantized, quantize_graph
+from srcr.targets.onnx.runtime import OrtRuntime, require_onnxruntime
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def require_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as error:
+        raise SrcrError("the onnx package is not installed; run `pip install onnx`") from error
+    return onnx
+
+
+class ONNXTarget:
+    name = "onnx"
+    suffix = ".onnx"
+
+    def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
+        require_onnx()
+        require_onnxruntime()
+        return specs.resolve(bits, quant_type, options)
+
+    def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:
+        specs.check_block_size_fits(config, spec)
+
+    def export(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: QuantSpec,
+        out: Path,
+        imatrix: Imatrix | None = None,
+        hints: Mapping[str, object] | None = None,
+        progress: ProgressFn = no_progress,
+    ) -> ExportResult:
+        """Trace, quantize and write `out` (one .onnx file; `<name>.data` beside it only past 2 GB)."""
+        from srcr.targets.onnx import artifact
+
+        require_onnx()
+        ort = require_onnxruntime()
+        self.check_model(model.config, spec)
+        stored_tokenizer = artifact.encode_tokenizer(artifact.tokenizer_json(tokenizer))
+        out = Path(out)
+        with temporary_folder(out.parent, f"{out.name}.work") as workdir:
+            progress("export onnx graph", 0, 1)
+            started = time.perf_counter()
+            proto, weights, counts = _export_graph(model, workdir)
+            convert_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            progress("export onnx graph", 1, 1)
+            quantized = quantize_graph(proto, weights, spec, workdir, imatrix, progress)
+            quantization = _quantization_summary(spec, quantized)
+            format_info = _format_info(ort)
+            artifact.attach_metadata(
+                quantized.model, _model_facts(model, tokenizer), stored_tokenizer, quantization, format_info
+            )
+            sizes = artifact.tensor_bytes(quantized.model)
+            progress("write onnx", 0, 1)
+            data_file = artifact.save_model(quantized.model, out, workdir, hints)
+            progress("write onnx", 1, 1)
+            quantize_seconds = time.perf_counter() - started  # quantization, metadata and the write
+
+        artifact_bytes = out.stat().st_size + (data_file.stat().st_size if data_file else 0)
+        embedding_names = [weights.embedding] if weights.embedding else []
+        if weights.tied and weights.lm_head:
+            embedding_names.append(weights.lm_head)
+        linear_names = [name for name in weights.linear if name not in embedding_names]
+        quantization["bytes_by_kind"] = artifact.bytes_by_kind(
+            sizes, artifact_bytes, embedding_names, linear_names, len(stored_tokenizer)
+        )
+        format_info["external_data"] = data_file.name if data_file else None
+        return ExportResult(
+            artifact=out,
+            artifact_bytes=artifact_bytes,
+            bits_per_weight=_bits_per_weight(sizes, counts, quantized, weights),
+            quantization=quantization,
+            format_info=format_info,
+            stage_seconds={"convert": round(convert_seconds, 3), "quantize": round(quantize_seconds, 3)},
+        )
+
+    def open_runtime(self, artifact: Path, device: str = "auto") -> OrtRuntime:
+        return OrtRuntime(artifact, device)
+
+
+def _export_graph(model: Any, workdir: Path) -> tuple[Any, Any, dict[str, int]]:
+    from srcr.targets.onnx.graph import export_decoder, name_weights
+    from srcr.targets.onnx.onnx_edit import GraphEditor
+
+    proto = export_decoder(model, workdir / "decoder.onnx")
+    weights = name_weights(proto.graph, model)
+    editor = GraphEditor(proto)
+    names = list(weights.linear) + ([weights.embedding] if weights.embedding else [])
+    counts = {name: int(editor.array(name).size) for name in names}
+    return proto, weights, counts
+
+
+def _quantization_summary(spec: QuantSpec, quantized: Quantized) -> dict[str, Any]:
+    options = spec.options
+    return {
+        "quant_type": spec.quant_type,
+        "scheme": options["scheme"],
+        "bits": spec.bits,
+        "block_size": options.get("block_size"),
+        "symmetric": options.get("symmetric"),
+        "algo": options.get("algo"),
+        "embedding_quantized": quantized.embedding_quantized,
+        "embedding_shared_with_lm_head": quantized.embedding_shared,
+        "imatrix_used": quantized.imatrix_used,
+    }
+
+
+def _bits_per_weight(sizes: dict[str, int], counts: dict[str, int], quantized: Quantized, weights: Any) -> float:
+    """Stored bits per weight over the weight matrices: the quantized ones, or all of them when float."""
+    from srcr.targets.onnx.artifact import weight_tensor_bytes
+
+    names = list(quantized.quantized_weights)
+    if quantized.embedding_quantized and weights.embedding and not quantized.embedding_shared:
+        names.append(weights.embedding)
+    if not names:  # unquantized: every weight matrix, the shared embedding once
+        names = list(counts)
+        if quantized.embedding_shared and weights.lm_head in names:
+            names.remove(weights.lm_head)
+    stored = weight_tensor_bytes(sizes, names)
+    return 8.0 * stored / sum(counts[name] for name in names)
+
+
+def _model_facts(model: Any, tokenizer: Any) -> Any:
+    from srcr.targets.hf_tokens import end_of_sequence_ids, prepended_bos
+    from srcr.targets.onnx.artifact import ModelFacts
+    from srcr.targets.onnx.graph import CacheShape
+
+    shape = CacheShape.of(model.config)
+    return ModelFacts(
+        eos_token_ids=end_of_sequence_ids(model, tokenizer),
+        bos_token_id=prepended_bos(tokenizer),
+        vocab_size=int(model.config.vocab_size),
+        layers=shape.layers,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        architecture=type(model).__name__,
+    )
+
+
+def _format_info(ort: Any) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    from srcr.targets.onnx.graph import EXPORTER, OPSET
+
+    return {
+        "opset": OPSET,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "exporter": EXPORTER,
+    }
