@@ -41,6 +41,6 @@ def semantic_retention_score(retentions: Mapping[str, float | None]) -> float:
     return sum(ran) / len(ran)
 
 
-def srcr(sr: float, sparsity: float, bits: float) -> float:
-    """SrCr = Sr * TCr, definition SRCR_DEFINITION."""
-    return sr * tcr(sparsity, bits)
+def srcr(sr: float, sparsity: float, bits: float, removed: float = 0.0) -> float:
+    """SrCr = Sr * TCr, definition SRCR_DEFINITION (TCr in its product form with structured pruning)."""
+    return sr * tcr(sparsity, bits, removed)

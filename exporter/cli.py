@@ -45,6 +45,13 @@ DEVICE_HELP = (
 PERCDAMP_HELP = "SparseGPT: Hessian dampening as a fraction of its mean diagonal; raise it if a layer fails."
 PRUNE_BLOCK_HELP = "SparseGPT: columns per lazy-update block (a multiple of M for N:M patterns)."
 ENCODING_HELP = "Encoding of {what} (default: UTF-8; the built-in Lee corpora are read as latin-1)."
+DROP_HELP = "Structured: fraction of decoder layers to remove (whole layers; 0.2 of 30 removes 6)."
+DEPTH_HELP = "Which layers go: bi (ShortGPT block influence, one pass) or sleb (greedy by calibration perplexity)."
+FFN_HELP = "Structured: fraction of FFN channels to remove (gate/up rows with their down_proj columns)."
+HEAD_HELP = "Structured: fraction of KV groups to remove, each with its query heads (keeps GQA valid)."
+WIDTH_METHOD_HELP = "Width scores: flap (fluctuation, with bias compensation) or wanda-sp (|W|·‖x‖)."
+ALLOCATION_HELP = "uniform: every layer keeps the same widths; global: layers ranked together (per-layer widths)."
+MULTIPLE_HELP = "Kept FFN widths are multiples of this; 0 (default): the quantization's block (256 for K-quants)."
 
 
 def _version(value: bool) -> None:
@@ -85,6 +92,7 @@ def summary_table(typed: Manifest) -> Table:
             f"{pruning['method'] or 'none'} {pruning['pattern'] or _fmt(pruning['sparsity'], '.0%')}, "
             f"achieved {pruning['achieved_sparsity']:.2%} of pruned linears",
         ),
+        ("structure", _structure_summary(pruning.get("structure"))),
         ("quantization", f"{quant['type']} ({quant['bits']}-bit)"),
         ("type mix", ", ".join(f"{k}: {v}" for k, v in (quant.get("type_mix") or {}).items()) or "-"),
         ("TCr", f"{compression['tcr']:.4f}"),
@@ -127,6 +135,22 @@ def summary_table(typed: Manifest) -> Table:
     return table
 
 
+def _structure_summary(structure: dict[str, Any] | None) -> str:
+    if not structure:
+        return "none"
+    widths = structure["widths"]
+    ffn = sorted({row["ffn"] for row in widths})
+    heads = sorted({row["heads"] for row in widths})
+    parts = [f"removed {structure['removed_fraction']:.1%} of the parameters"]
+    if structure["removed_layers"]:
+        parts.append(f"layers {len(widths) + len(structure['removed_layers'])}→{len(widths)}")
+    if structure["ffn_ratio"]:
+        parts.append(f"FFN {structure['ffn_before']}→{'/'.join(map(str, ffn))}")
+    if structure["head_ratio"]:
+        parts.append(f"heads {structure['heads_before']}→{'/'.join(map(str, heads))}")
+    return ", ".join(parts)
+
+
 @app.command()
 def export(
     sparsity: Annotated[
@@ -136,6 +160,13 @@ def export(
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sparsegpt",
     percdamp: Annotated[float, typer.Option(help=PERCDAMP_HELP)] = 0.01,
     prune_block_size: Annotated[int, typer.Option(help=PRUNE_BLOCK_HELP)] = 128,
+    drop_layers: Annotated[float, typer.Option(help=DROP_HELP)] = 0.0,
+    depth_method: Annotated[str, typer.Option(help=DEPTH_HELP)] = "bi",
+    ffn_ratio: Annotated[float, typer.Option(help=FFN_HELP)] = 0.0,
+    head_ratio: Annotated[float, typer.Option(help=HEAD_HELP)] = 0.0,
+    width_method: Annotated[str, typer.Option(help=WIDTH_METHOD_HELP)] = "flap",
+    width_allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
+    width_multiple: Annotated[int, typer.Option(help=MULTIPLE_HELP)] = 0,
     bits: Annotated[
         int | None,
         typer.Option(help="Quantization bit-width (GGUF: 2,3,4,5,6,8,16; ONNX: 2,4,8,16,32). Default 4."),
@@ -210,6 +241,7 @@ def export(
 ) -> None:
     """Prune, quantize and export a model; evaluate the artifact and write its manifest."""
     from srcr.exporter.pipeline import EvalOptions, ExportOptions, run_export
+    from srcr.exporter.pruning.structured import StructureSpec
 
     console = stderr_console()
     with user_errors(console) as interrupts:
@@ -234,6 +266,15 @@ def export(
             pattern=pattern,
             percdamp=percdamp,
             prune_block_size=prune_block_size,
+            structure=StructureSpec(
+                drop_layers=drop_layers,
+                depth_method=depth_method,
+                ffn_ratio=ffn_ratio,
+                head_ratio=head_ratio,
+                width_method=width_method,
+                allocation=width_allocation,
+                multiple=width_multiple,
+            ),
             calib=calib,
             calib_encoding=calib_encoding,
             calib_samples=calib_samples,
@@ -367,6 +408,47 @@ def _split(text: str, cast: type, option: str) -> list[Any]:
         raise SrcrError(f"--{option} {text!r} is not a comma-separated list; e.g. --{option} 0,0.25,0.5") from None
 
 
+STRUCTURE_KEYS = {
+    "layers": ("drop_layers", float),
+    "depth": ("depth_method", str),
+    "ffn": ("ffn_ratio", float),
+    "heads": ("head_ratio", float),
+    "width": ("width_method", str),
+    "allocation": ("allocation", str),
+    "multiple": ("multiple", int),
+}
+
+
+def parse_structures(text: str) -> list[Any]:
+    """`none;ffn=0.25;layers=0.2,depth=sleb` -> StructureSpecs (multiple 0: the target's block width)."""
+    from srcr.base.errors import SrcrError
+    from srcr.exporter.pruning.structured import StructureSpec
+
+    specs = []
+    for item in (part.strip() for part in text.split(";")):
+        if not item:
+            continue
+        values: dict[str, Any] = {"multiple": 0}
+        if item != "none":
+            for pair in item.split(","):
+                key, sep, value = pair.partition("=")
+                key = key.strip()
+                if not sep or key not in STRUCTURE_KEYS:
+                    raise SrcrError(
+                        f"--structures item {item!r} is not key=value pairs of {', '.join(STRUCTURE_KEYS)}; "
+                        "e.g. --structures 'none;ffn=0.25,heads=0.33'"
+                    )
+                field_name, cast = STRUCTURE_KEYS[key]
+                try:
+                    values[field_name] = cast(value.strip())
+                except ValueError:
+                    raise SrcrError(f"--structures {key}={value!r} is not a {cast.__name__}") from None
+        specs.append(StructureSpec(**values))
+    if not specs:
+        raise SrcrError("--structures is empty; pass 'none' for no structured pruning")
+    return specs
+
+
 def common_name_prefix(names: list[str]) -> str:
     """The shared leading part of the configurations' names, cut at a '-' (the model's slug)."""
     if len(names) < 2:
@@ -431,6 +513,13 @@ def sweep_tables(summary: SweepSummary) -> list[Table]:
 def sweep(
     sparsity: Annotated[str, typer.Option(help="Unstructured sparsities to try, comma-separated.")] = "0,0.25,0.5",
     pattern: Annotated[str, typer.Option(help="N:M patterns to try, comma-separated (e.g. 2:8,2:4).")] = "",
+    structures: Annotated[
+        str,
+        typer.Option(
+            help="Structured settings to cross with the others, ';'-separated: none, or key=value pairs "
+            "(layers, depth, ffn, heads, width, allocation), e.g. 'none;ffn=0.25;layers=0.2,depth=sleb'."
+        ),
+    ] = "none",
     bits: Annotated[str, typer.Option(help="Bit-widths to try, comma-separated.")] = "2,3,4,8",
     fmt: Annotated[str, typer.Option("--format", help="Deployment format: gguf or onnx.")] = "gguf",
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sparsegpt",
@@ -475,6 +564,7 @@ def sweep(
             patterns=_split(pattern, str, "pattern"),
             bits=_split(bits, int, "bits"),
             prune=PruneOptions(method=method, percdamp=percdamp, block_size=prune_block_size),
+            structures=parse_structures(structures),
             calib=calib,
             calib_encoding=calib_encoding,
             calib_samples=calib_samples,

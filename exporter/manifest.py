@@ -91,6 +91,36 @@ class LayerRow(Section):
     numel: Count
 
 
+class Widths(Section):
+    layer: Count
+    source_layer: Count
+    ffn: Count
+    heads: Count
+    kv_heads: Count
+
+
+class Structure(Section):
+    """What structured pruning removed from the graph (null in `pruning.structure` when nothing)."""
+
+    drop_layers: Fraction
+    depth_method: str | None
+    ffn_ratio: Fraction
+    head_ratio: Fraction
+    width_method: str | None
+    allocation: str | None
+    multiple: Annotated[int, Field(ge=1, le=1 << 16)]
+    removed_layers: list[Count]
+    layer_scores: list[float]
+    widths: list[Widths]
+    ffn_before: Count
+    heads_before: Count
+    kv_heads_before: Count
+    parameters_before: Count
+    parameters_after: Count
+    removed_fraction: Fraction
+    notes: list[str]
+
+
 class Pruning(Section):
     method: str | None  # None: not pruned (the statistics pass still ran)
     sparsity: Fraction
@@ -101,6 +131,7 @@ class Pruning(Section):
     imatrix_tokens: Count
     seed: int
     options: dict[str, float | int]  # the method's options (percdamp, block size)
+    structure: Structure | None = None
 
 
 class Quantization(OpenSection):

@@ -15,8 +15,8 @@ Record = dict[str, Any]
 
 
 def is_joint(record: Record) -> bool:
-    """Pruned and quantized, as opposed to quantization alone (a dense record's pattern is None)."""
-    return bool(record["sparsity"] > 0 or record.get("pattern"))
+    """Pruned (zeroed or structurally removed) and quantized, as opposed to quantization alone."""
+    return bool(record["sparsity"] > 0 or record.get("pattern") or record.get("removed", 0) > 0)
 
 
 def pareto_front(records: list[Record], compression_key: str, higher_is_better: bool = True) -> set[str]:

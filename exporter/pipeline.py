@@ -12,6 +12,8 @@ only when nothing needs it afterwards), so at most two copies of the model are e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -48,6 +50,13 @@ from srcr.exporter.models import LoadedModel, ModelSource, load_weights, open_so
 from srcr.exporter.pruning import PruneReport, PruneSpec, check_prunable, parse_pattern, prune_model, validate_spec
 from srcr.exporter.pruning.registry import DEFAULT_METHOD
 from srcr.exporter.pruning.spec import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP
+from srcr.exporter.pruning.structured import (
+    StructureReport,
+    StructureSpec,
+    check_fits,
+    check_structure,
+    prune_structure,
+)
 from srcr.targets.base import QuantSpec, Target
 from srcr.targets.registry import get_target
 
@@ -73,6 +82,8 @@ class ExportOptions:
     pattern: str | None = None
     percdamp: float = DEFAULT_PERCDAMP
     prune_block_size: int = DEFAULT_BLOCK_SIZE
+    # Structured pruning; its `multiple` 0 means: the target's block width for the chosen quantization.
+    structure: StructureSpec = field(default_factory=lambda: StructureSpec(multiple=0))
     calib: Path | None = None
     calib_encoding: str | None = None
     calib_samples: int | None = None
@@ -167,16 +178,29 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", Path(text).name.lower()).strip("-") or "model"
 
 
-def pruning_label(prune_spec: PruneSpec) -> str:
-    if prune_spec.pattern:
-        return f"{prune_spec.method}-{prune_spec.pattern[0]}of{prune_spec.pattern[1]}"
-    if prune_spec.prunes:
-        return f"{prune_spec.method}-s{round(prune_spec.sparsity * 100):02d}"
-    return "dense"
+@dataclass(frozen=True)
+class Setting:
+    """One way of pruning: structure removed from the graph, then weights zeroed (either may be empty)."""
+
+    prune: PruneSpec
+    structure: StructureSpec = field(default_factory=StructureSpec)
+
+    @property
+    def changes_weights(self) -> bool:
+        return self.prune.prunes or self.structure.active
+
+    @property
+    def label(self) -> str:
+        parts = [self.structure.label()] if self.structure.active else []
+        if self.prune.pattern:
+            parts.append(f"{self.prune.method}-{self.prune.pattern[0]}of{self.prune.pattern[1]}")
+        elif self.prune.prunes:
+            parts.append(f"{self.prune.method}-s{round(self.prune.sparsity * 100):02d}")
+        return "-".join(parts) or "dense"
 
 
-def default_name(source: str, prune_spec: PruneSpec, spec: QuantSpec) -> str:
-    return f"{_slug(source)}-{pruning_label(prune_spec)}-{_slug(spec.quant_type)}"
+def default_name(source: str, setting: Setting, spec: QuantSpec) -> str:
+    return f"{_slug(source)}-{setting.label}-{_slug(spec.quant_type)}"
 
 
 @dataclass
@@ -185,7 +209,7 @@ class Plan:
 
     target: Target
     specs: list[QuantSpec]
-    prune_specs: list[PruneSpec]
+    settings: list[Setting]
     device: str
     source: ModelSource
     calibration_text: TextSource
@@ -213,11 +237,12 @@ class RunInputs(Protocol):
 
 
 def make_plan(
-    options: RunInputs, bits: Sequence[int | None], quant_type: str | None, prune_specs: Sequence[PruneSpec]
+    options: RunInputs, bits: Sequence[int | None], quant_type: str | None, settings: Sequence[Setting]
 ) -> Plan:
     """Cheapest checks first: flags, then files, then the model's config; no weight is read here."""
     target = get_target(options.format)
     specs = [target.resolve_quant(width, quant_type, options.target_options) for width in bits]
+    settings = [_fit_structure(setting, target, specs) for setting in settings]
     check_calibration_request(options.calib_samples, options.seq_len)
     device = resolve_device(options.device)
     check_output_folder(options.out)
@@ -226,12 +251,14 @@ def make_plan(
     source = open_source(options.model, options.allow_pickle)
     for spec in specs:
         target.check_model(source.config, spec)
-    for prune_spec in prune_specs:
-        check_prunable(source.config, prune_spec, options.seq_len or DEFAULT_SEQ_LEN)
+    for setting in settings:
+        check_prunable(source.config, setting.prune, options.seq_len or DEFAULT_SEQ_LEN)
+        if setting.structure.active:
+            check_fits(source.config, setting.structure)
     return Plan(
         target=target,
         specs=specs,
-        prune_specs=list(prune_specs),
+        settings=list(settings),
         device=device,
         source=source,
         calibration_text=calibration,
@@ -240,6 +267,23 @@ def make_plan(
         seq_len=options.seq_len,
         seed=options.seed,
     )
+
+
+def _fit_structure(setting: Setting, target: Target, specs: Sequence[QuantSpec]) -> Setting:
+    """Check a setting's structure request against the target, and round widths to its blocks."""
+    structure = setting.structure
+    if not structure.active:
+        return setting
+    if structure.multiple == 0:  # "auto": whatever every quantization of the run needs
+        multiple = math.lcm(*(target.width_multiple(spec) for spec in specs))
+        structure = dataclasses.replace(structure, multiple=multiple)
+    check_structure(structure)
+    if structure.width and structure.allocation == "global" and not target.per_layer_widths:
+        raise SrcrError(
+            f"--width-allocation global gives every layer its own widths, which the {target.name} target "
+            "cannot write yet; use --width-allocation uniform"
+        )
+    return dataclasses.replace(setting, structure=structure)
 
 
 @contextlib.contextmanager
@@ -257,10 +301,15 @@ class PrunedModel:
     """A model after calibration and pruning, with what the manifest needs to say about it."""
 
     loaded: LoadedModel
-    prune_spec: PruneSpec
+    setting: Setting
     report: PruneReport
     calibration: CalibrationSet
     seed: int
+    structure: StructureReport | None = None
+
+    @property
+    def prune_spec(self) -> PruneSpec:
+        return self.setting.prune
 
 
 def load_stage(plan: Plan, timer: StageTimer, progress: ProgressFn) -> LoadedModel:
@@ -285,18 +334,23 @@ def reference_stage(plan: Plan, loaded: LoadedModel, timer: StageTimer, progress
 def prune_stage(
     plan: Plan,
     dense: LoadedModel,
-    prune_spec: PruneSpec,
+    setting: Setting,
     calibration: CalibrationSet,
     timer: StageTimer,
     progress: ProgressFn,
     reuse_dense: bool,
 ) -> PrunedModel:
-    """Calibrate and prune. The statistics-only pass leaves the weights alone, so it always works on
-    `dense`; pruning works on `dense` itself only when the caller needs it no more (`reuse_dense`)."""
-    model = dense if reuse_dense or not prune_spec.prunes else load_weights(plan.source)
+    """Remove structure, then calibrate and prune. The statistics-only pass leaves the weights alone, so
+    it always works on `dense`; anything that changes weights works on `dense` itself only when the
+    caller needs it no more (`reuse_dense`)."""
+    model = dense if reuse_dense or not setting.changes_weights else load_weights(plan.source)
+    structure = None
+    if setting.structure.active:
+        with timer.stage("structure"):
+            structure = prune_structure(model.model, calibration.input_ids, setting.structure, plan.device, progress)
     with timer.stage("calibrate_prune"):
-        report = prune_model(model.model, calibration.input_ids, prune_spec, device=plan.device, progress=progress)
-    return PrunedModel(model, prune_spec, report, calibration, plan.seed)
+        report = prune_model(model.model, calibration.input_ids, setting.prune, device=plan.device, progress=progress)
+    return PrunedModel(model, setting, report, calibration, plan.seed, structure)
 
 
 def pruning_section(pruned: PrunedModel) -> dict[str, Any]:
@@ -319,6 +373,32 @@ def pruning_section(pruned: PrunedModel) -> dict[str, Any]:
         "imatrix_tokens": report.imatrix_tokens,
         "seed": pruned.seed,
         "options": {"percdamp": spec.percdamp, "block_size": spec.block_size} if spec.method == "sparsegpt" else {},
+        "structure": structure_section(pruned),
+    }
+
+
+def structure_section(pruned: PrunedModel) -> dict[str, Any] | None:
+    report, spec = pruned.structure, pruned.setting.structure
+    if report is None:
+        return None
+    return {
+        "drop_layers": spec.drop_layers,
+        "depth_method": spec.depth_method if spec.drop_layers > 0 else None,
+        "ffn_ratio": spec.ffn_ratio,
+        "head_ratio": spec.head_ratio,
+        "width_method": spec.width_method if spec.width else None,
+        "allocation": spec.allocation if spec.width else None,
+        "multiple": spec.multiple,
+        "removed_layers": report.removed_layers,
+        "layer_scores": report.layer_scores,
+        "widths": [row.__dict__ for row in report.widths],
+        "ffn_before": report.ffn_before,
+        "heads_before": report.heads_before,
+        "kv_heads_before": report.kv_heads_before,
+        "parameters_before": report.parameters_before,
+        "parameters_after": report.parameters_after,
+        "removed_fraction": report.removed_fraction,
+        "notes": report.notes,
     }
 
 
@@ -391,7 +471,8 @@ def build_manifest(
     from srcr import __version__
 
     loaded = pruned.loaded
-    tcr_value = tcr(pruned.prune_spec.target_sparsity, spec.bits)
+    removed = pruned.structure.removed_fraction if pruned.structure is not None else 0.0
+    tcr_value = tcr(pruned.prune_spec.target_sparsity, spec.bits, removed)
     baseline = baseline_bytes(loaded.n_params)
     actual = 1.0 - result.artifact_bytes / baseline
     sr = evaluation["sr"] if evaluation is not None else None
@@ -425,7 +506,7 @@ def build_manifest(
             "device": manifests.device_section(plan.device),
             "timings_s": dict(timer.seconds),
             "sr": sr,
-            "srcr": srcr_score(sr, pruned.prune_spec.target_sparsity, spec.bits) if sr is not None else None,
+            "srcr": srcr_score(sr, pruned.prune_spec.target_sparsity, spec.bits, removed) if sr is not None else None,
             "sr_actual": sr * actual if sr is not None else None,
         }
     )
@@ -438,12 +519,13 @@ def run_export(
     from srcr.base.files import check_file_name
 
     prune_options = PruneOptions(options.method, options.percdamp, options.prune_block_size)
-    prune_spec = prune_spec_for(options.sparsity, options.pattern, prune_options)
+    setting = Setting(prune_spec_for(options.sparsity, options.pattern, prune_options), options.structure)
     if options.name is not None:
         check_file_name(options.name)
-    plan = make_plan(options, [options.bits], options.quant_type, [prune_spec])
+    plan = make_plan(options, [options.bits], options.quant_type, [setting])
+    setting = plan.settings[0]
     spec = plan.specs[0]
-    name = options.name or default_name(plan.source.label, prune_spec, spec)
+    name = options.name or default_name(plan.source.label, setting, spec)
     paths = OutputPaths.for_name(options.out, name, plan.target.suffix)
     paths.check(options.overwrite, with_reference=plan.evaluation is not None)
 
@@ -452,5 +534,5 @@ def run_export(
         loaded = load_stage(plan, timer, progress)
         calibration = calibration_stage(plan, loaded)
         pack = reference_stage(plan, loaded, timer, progress)
-        pruned = prune_stage(plan, loaded, prune_spec, calibration, timer, progress, reuse_dense=True)
+        pruned = prune_stage(plan, loaded, setting, calibration, timer, progress, reuse_dense=True)
         return write_export(pruned, plan, spec, paths, pack, timer, progress, options.overwrite)

@@ -23,6 +23,7 @@ from srcr.exporter.pipeline import (
     OutputPaths,
     Plan,
     PruneOptions,
+    Setting,
     StageTimer,
     calibration_stage,
     default_name,
@@ -34,7 +35,7 @@ from srcr.exporter.pipeline import (
     workspace,
     write_export,
 )
-from srcr.exporter.pruning import PruneSpec
+from srcr.exporter.pruning.structured import StructureSpec
 
 INDEX_FILE = "index.json"
 REFERENCE_FILE = "reference.npz"
@@ -49,6 +50,8 @@ class SweepOptions:
     patterns: list[str] = field(default_factory=list)
     bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
     prune: PruneOptions = field(default_factory=PruneOptions)
+    # Structured pruning settings crossed with the unstructured ones; StructureSpec() is "none".
+    structures: list[StructureSpec] = field(default_factory=lambda: [StructureSpec(multiple=0)])
     target_options: dict[str, object] = field(default_factory=dict)
     calib: Path | None = None
     calib_encoding: str | None = None
@@ -61,14 +64,15 @@ class SweepOptions:
     evaluation: EvalOptions = field(default_factory=EvalOptions)
 
 
-def prune_specs(options: SweepOptions) -> list[PruneSpec]:
-    settings = [(sparsity, None) for sparsity in dict.fromkeys(options.sparsities)]
-    settings += [(0.0, pattern) for pattern in dict.fromkeys(options.patterns)]
-    if not settings:
+def sweep_settings(options: SweepOptions) -> list[Setting]:
+    unstructured = [(sparsity, None) for sparsity in dict.fromkeys(options.sparsities)]
+    unstructured += [(0.0, pattern) for pattern in dict.fromkeys(options.patterns)]
+    if not unstructured or not options.structures:
         raise SrcrError("the sweep has no pruning setting; pass --sparsity 0,0.25 and/or --pattern 2:4")
-    specs = [prune_spec_for(sparsity, pattern, options.prune) for sparsity, pattern in settings]
-    # The statistics-only (dense) settings first: they run on the dense model, which later settings may consume.
-    return sorted(specs, key=lambda spec: spec.prunes)
+    specs = [prune_spec_for(sparsity, pattern, options.prune) for sparsity, pattern in unstructured]
+    settings = [Setting(spec, structure) for structure in dict.fromkeys(options.structures) for spec in specs]
+    # Settings that leave the weights alone first: they run on the dense model, which later settings may consume.
+    return sorted(settings, key=lambda setting: setting.changes_weights)
 
 
 def _is_done(folder: Path, manifest_file: Path, reference_sha: str) -> Manifest | None:
@@ -153,20 +157,17 @@ def run_sweep(options: SweepOptions, progress: ProgressFn = no_progress) -> list
         raise SrcrError("a sweep ranks configurations by Sr, so it always evaluates; drop --no-eval")
     if not options.bits:
         raise SrcrError("--bits is empty; pass the bit-widths to try, e.g. --bits 2,3,4,8")
-    specs_to_prune = prune_specs(options)
-    plan = make_plan(options, list(dict.fromkeys(options.bits)), None, specs_to_prune)
+    plan = make_plan(options, list(dict.fromkeys(options.bits)), None, sweep_settings(options))
     with workspace(options.out, LOCK_NAME, f"the sweep folder {options.out}") as folder:
-        return _run(plan, options, folder, specs_to_prune, progress)
+        return _run(plan, options, folder, progress)
 
 
-def _run(
-    plan: Plan, options: SweepOptions, folder: Path, specs_to_prune: list[PruneSpec], progress: ProgressFn
-) -> list[Manifest]:
+def _run(plan: Plan, options: SweepOptions, folder: Path, progress: ProgressFn) -> list[Manifest]:
     identity = _sweep_identity(plan, options)
     index = _load_index(folder, identity)
     plan_rows = [
-        (prune_spec, spec, _paths(folder, default_name(plan.source.label, prune_spec, spec), plan.target.suffix))
-        for prune_spec in specs_to_prune
+        (setting, spec, _paths(folder, default_name(plan.source.label, setting, spec), plan.target.suffix))
+        for setting in plan.settings
         for spec in plan.specs
     ]
     shared = StageTimer()
@@ -177,22 +178,22 @@ def _run(
 
     total, finished = len(plan_rows), 0
     manifests: dict[Path, Manifest] = {}
-    todo: dict[PruneSpec, list[tuple[Any, OutputPaths]]] = {prune_spec: [] for prune_spec in specs_to_prune}
-    for prune_spec, spec, paths in plan_rows:
+    todo: dict[Setting, list[tuple[Any, OutputPaths]]] = {setting: [] for setting in plan.settings}
+    for setting, spec, paths in plan_rows:
         done = _is_done(folder, paths.manifest, reference_sha)
         if done is not None:
             manifests[paths.manifest] = done
             finished += 1
             progress("sweep: skipping finished configurations", finished, total)
         else:
-            todo[prune_spec].append((spec, paths))
-    with_work = [prune_spec for prune_spec in specs_to_prune if todo[prune_spec]]
-    for position, prune_spec in enumerate(with_work):
+            todo[setting].append((spec, paths))
+    with_work = [setting for setting in plan.settings if todo[setting]]
+    for position, setting in enumerate(with_work):
         timer = StageTimer()
         pruned = prune_stage(
-            plan, dense, prune_spec, calibration, timer, progress, reuse_dense=position == len(with_work) - 1
+            plan, dense, setting, calibration, timer, progress, reuse_dense=position == len(with_work) - 1
         )
-        for spec, paths in todo[prune_spec]:
+        for spec, paths in todo[setting]:
             progress(f"sweep {paths.artifact.name}", finished, total)
             config_timer = StageTimer()
             config_timer.seconds = dict(timer.seconds)
@@ -218,11 +219,15 @@ def sweep_records(manifests: list[Manifest]) -> list[dict[str, Any]]:
     for manifest in manifests:
         pruning, evaluation = manifest.pruning, manifest.evaluation
         label = pruning.pattern or (f"{pruning.sparsity:.0%}" if pruning.method else "dense")
+        structure = pruning.structure
+        if structure is not None:
+            label = f"-{structure.removed_fraction:.0%} params, {label}"
         records.append(
             {
                 "name": manifest.name,
                 "label": f"{label} {manifest.quantization.type}",
                 "sparsity": pruning.sparsity if pruning.method else 0.0,
+                "removed": structure.removed_fraction if structure is not None else 0.0,
                 "pattern": pruning.pattern,
                 "quant": manifest.quantization.type,
                 "bits": manifest.quantization.bits,

@@ -54,12 +54,19 @@ class ExportResult:
 class Target(Protocol):
     name: str  # the --format value, e.g. "gguf"
     suffix: str  # artifact file suffix, e.g. ".gguf"
+    # Whether the format can hold decoder layers of different widths (structured pruning's global allocation).
+    per_layer_widths: bool
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         """Validate and resolve a quantization request; raise SrcrError naming the fix if impossible.
 
         Needs no model: called before anything is loaded.
         """
+        ...
+
+    def width_multiple(self, spec: QuantSpec) -> int:
+        """The multiple a weight matrix's input width should be for `spec` to quantize it as asked
+        (a block size); structured pruning rounds the widths it keeps to it. 1 when anything goes."""
         ...
 
     def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:

@@ -60,7 +60,7 @@ def prune_model(
     start = time.perf_counter()
     per_layer: list[LayerSparsity] = []
     imatrix: dict[str, np.ndarray] = {}
-    with torch.no_grad(), _inference_setup(model):
+    with torch.no_grad(), inference_setup(model):
         inputs, layer_kwargs = capture_layer_inputs(model, layers[0], calib_ids, target)
         for index, layer in enumerate(layers):
             home = _device_of(layer)
@@ -287,7 +287,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 @contextmanager
-def _inference_setup(model: nn.Module) -> Iterator[None]:
+def inference_setup(model: nn.Module) -> Iterator[None]:
     """Eval mode and no KV cache for the duration, restored afterwards."""
     training = model.training
     config = getattr(model, "config", None)

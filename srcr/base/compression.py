@@ -5,13 +5,20 @@ from __future__ import annotations
 BASELINE_BITS = 16
 
 
-def tcr(sparsity: float, bits: float) -> float:
-    """Theoretical compression rate against a 16-bit dense baseline: 1 - (q/16)(1 - s)."""
+def tcr(sparsity: float, bits: float, removed: float = 0.0) -> float:
+    """Theoretical compression rate against a 16-bit dense baseline: 1 - (q/16)(1 - r)(1 - s).
+
+    `sparsity` s is the fraction of weights zeroed (unstructured or N:M), `removed` r the fraction of
+    the model's parameters that structured pruning took out of the graph; with r = 0 this is the
+    paper's 1 - (q/16)(1 - s).
+    """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if not 0.0 <= removed < 1.0:
+        raise ValueError(f"removed fraction must be in [0, 1), got {removed}")
     if bits <= 0:
         raise ValueError(f"bits must be positive, got {bits}")
-    return 1.0 - (bits / BASELINE_BITS) * (1.0 - sparsity)
+    return 1.0 - (bits / BASELINE_BITS) * (1.0 - removed) * (1.0 - sparsity)
 
 
 def baseline_bytes(source_parameters: int) -> int:

@@ -58,6 +58,16 @@ def canonical_quant_type(quant_type: str) -> str:
     return name
 
 
+def block_width(quant_type: str) -> int:
+    """How many consecutive weights of a row the type quantizes together: 256 for K-quants and most IQ
+    types (narrower rows fall back to other types), 32 for the legacy types, 1 for floats."""
+    if quant_type in ("F32", "F16", "BF16"):
+        return 1
+    if re.match(r"(?:Q\d_K|IQ[1-3]|IQ4_XS|TQ)", quant_type):
+        return 256
+    return 32
+
+
 def nominal_bits(quant_type: str) -> int:
     """The width a type is named after (Q4_K_M -> 4, IQ2_XXS -> 2, BF16 -> 16)."""
     if quant_type in ("F32", "F16", "BF16"):

@@ -20,6 +20,7 @@ from srcr.targets.gguf.convert import architecture_spec, convert_to_gguf, rope_p
 from srcr.targets.gguf.llama_log import check_vocab_loads
 from srcr.targets.gguf.quantize import (
     BITS_TO_TYPE,
+    block_width,
     canonical_quant_type,
     nominal_bits,
     quantize_gguf,
@@ -38,6 +39,7 @@ UNQUANTIZED = ("F32", "F16")
 class GGUFTarget:
     name = "gguf"
     suffix = ".gguf"
+    per_layer_widths = False  # llama.cpp's `deci` architecture would hold them; not written yet
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         options = {key: value for key, value in options.items() if value is not None}
@@ -60,6 +62,9 @@ class GGUFTarget:
                 )
             name = BITS_TO_TYPE[bits]
         return QuantSpec(format=self.name, bits=nominal_bits(name), quant_type=name, options=options)
+
+    def width_multiple(self, spec: QuantSpec) -> int:
+        return block_width(spec.quant_type)
 
     def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:
         architecture_spec(config)

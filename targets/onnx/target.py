@@ -33,11 +33,15 @@ def require_onnx() -> Any:
 class ONNXTarget:
     name = "onnx"
     suffix = ".onnx"
+    per_layer_widths = False  # the KV-cache inputs assume one head count for every layer
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         require_onnx()
         require_onnxruntime()
         return specs.resolve(bits, quant_type, options)
+
+    def width_multiple(self, spec: QuantSpec) -> int:
+        return int(spec.options.get("block_size") or 1)
 
     def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:
         specs.check_block_size_fits(config, spec)
