@@ -459,7 +459,10 @@ def common_name_prefix(names: list[str]) -> str:
 
 def sweep_tables(summary: SweepSummary) -> list[Table]:
     prefix = common_name_prefix([record["name"] for record in summary.records])
-    title = "srcr sweep (sorted by SrCr; ◆ Pareto front by TCr, ◇ by bytes; retention per evaluator)"
+    title = (
+        "srcr sweep (sorted by SrCr; ◆ Pareto front by TCr, ◇ by bytes, ▲ by prompt tokens/s; "
+        "retention per evaluator)"
+    )
     # No vertical rules: twelve columns then fit a 120-column terminal.
     table = Table(
         title=f"{prefix}* {title}" if prefix else title,
@@ -476,8 +479,10 @@ def sweep_tables(summary: SweepSummary) -> list[Table]:
         min_width = max(map(len, shortened), default=0) if header == "configuration" else None
         table.add_column(header, justify=justify, min_width=min_width)
     for record in sorted(summary.records, key=lambda r: -(r["srcr"] or 0)):
-        marks = ("◆" if record["name"] in summary.front_tcr else "") + (
-            "◇" if record["name"] in summary.front_bytes else ""
+        marks = (
+            ("◆" if record["name"] in summary.front_tcr else "")
+            + ("◇" if record["name"] in summary.front_bytes else "")
+            + ("▲" if record["name"] in summary.front_speed else "")
         )
         style = "bold green" if record["name"] == summary.recommended["name"] else None
         retention = record["retention"]
@@ -593,6 +598,7 @@ def sweep(
             "records": summary.records,
             "pareto_tcr": sorted(summary.front_tcr),
             "pareto_bytes": sorted(summary.front_bytes),
+            "pareto_speed": sorted(summary.front_speed),
             "equal_tcr": summary.equal_tcr,
             "recommended": summary.recommended["name"],
             "recommendation": summary.sentence,

@@ -255,6 +255,12 @@ def make_plan(
         check_prunable(source.config, setting.prune, options.seq_len or DEFAULT_SEQ_LEN)
         if setting.structure.active:
             check_fits(source.config, setting.structure)
+            global_widths = setting.structure.width and setting.structure.allocation == "global"
+            if global_widths and not target.per_layer_widths(source.config):
+                raise SrcrError(
+                    f"--width-allocation global gives every layer its own widths, which the {target.name} target "
+                    f"cannot write for {source.config.model_type}; use --width-allocation uniform"
+                )
     return Plan(
         target=target,
         specs=specs,
@@ -278,11 +284,6 @@ def _fit_structure(setting: Setting, target: Target, specs: Sequence[QuantSpec])
         multiple = math.lcm(*(target.width_multiple(spec) for spec in specs))
         structure = dataclasses.replace(structure, multiple=multiple)
     check_structure(structure)
-    if structure.width and structure.allocation == "global" and not target.per_layer_widths:
-        raise SrcrError(
-            f"--width-allocation global gives every layer its own widths, which the {target.name} target "
-            "cannot write yet; use --width-allocation uniform"
-        )
     return dataclasses.replace(setting, structure=structure)
 
 

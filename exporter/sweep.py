@@ -244,6 +244,7 @@ def sweep_records(manifests: list[Manifest]) -> list[dict[str, Any]]:
                     if value is not None
                 },
                 "kld": evaluation.kld.mean if evaluation else None,
+                "tok_s": evaluation.speed.prompt_tokens_per_s if evaluation else None,
                 "ppl": evaluation.perplexity.compressed if evaluation else None,
             }
         )
@@ -258,6 +259,8 @@ class SweepSummary:
     recommended: dict[str, Any]
     sentence: str
     equal_tcr: list[dict[str, Any]]
+    # Sr against prompt tokens/s measured in the runtime (meaningful on an idle machine only)
+    front_speed: set[str] = field(default_factory=set)
 
 
 def summarize(
@@ -271,6 +274,7 @@ def summarize(
         records=records,
         front_tcr=pareto_front(records, "tcr"),
         front_bytes=pareto_front(records, "bytes", higher_is_better=False),
+        front_speed=pareto_front([record for record in records if record["tok_s"]], "tok_s"),
         recommended=chosen,
         sentence=recommendation_sentence(chosen, budget_mb, min_retention, records),
         equal_tcr=equal_tcr_comparison(records),

@@ -54,14 +54,17 @@ class ExportResult:
 class Target(Protocol):
     name: str  # the --format value, e.g. "gguf"
     suffix: str  # artifact file suffix, e.g. ".gguf"
-    # Whether the format can hold decoder layers of different widths (structured pruning's global allocation).
-    per_layer_widths: bool
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         """Validate and resolve a quantization request; raise SrcrError naming the fix if impossible.
 
         Needs no model: called before anything is loaded.
         """
+        ...
+
+    def per_layer_widths(self, config: PretrainedConfig) -> bool:
+        """Whether the format can hold this model with decoder layers of different widths (structured
+        pruning's global allocation)."""
         ...
 
     def width_multiple(self, spec: QuantSpec) -> int:

@@ -146,6 +146,20 @@ def test_global_allocation_ranks_layers_together():
     assert selection.keep[0].tolist() == [3]  # within a layer, the best raw scores
 
 
+def test_global_allocation_takes_more_from_the_layer_with_idle_channels():
+    """Scores are standardized per layer (FLAP), so what moves channels between layers is the shape of each
+    layer's score distribution: three quarters of layer 1's channels write nothing and go first."""
+    model = tiny(layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[:, :192] = 0
+    report = prune_structure(
+        model, ids(), StructureSpec(ffn_ratio=0.5, width_method="wanda-sp", allocation="global", multiple=32)
+    )
+    widths = [row.ffn for row in report.widths]
+    assert widths[1] == 64 and widths[0] > 128 and widths[2] > 128, widths
+    assert sum(widths) == pytest.approx(3 * 128, abs=32) and not report.uniform
+
+
 def test_channel_statistics_match_numpy():
     stats = width.ChannelStatistics(5)
     chunks = [torch.randn(7, 5) * 3 + 1, torch.randn(11, 5), torch.randn(2, 3, 5)]
@@ -268,6 +282,63 @@ def test_onnx_of_a_structured_model_matches_pytorch(tokenizer, tmp_path, spec):
     assert kl(log_probs(model, tokens)[0], served) < 1e-4
 
 
+def per_layer_tiny(tokenizer):
+    """Layers of different widths, as global allocation leaves them (layer 0 keeps more than the others)."""
+    model = tiny(vocab=len(tokenizer), layers=3, ffn=256)
+    widths = [(256, [0, 1, 2, 3]), (128, [1, 2]), (64, [3])]  # (FFN channels, KV groups kept)
+    for layer, (channels, groups) in zip(model.model.layers, widths, strict=True):
+        surgery.shrink_ffn(layer, torch.arange(channels), torch.randn(256))
+        surgery.shrink_attention(layer, torch.tensor(groups), torch.randn(64))
+    surgery.record_widths(model, 8)
+    return model
+
+
+def test_layers_of_different_widths_become_a_deci_gguf_that_matches_pytorch(tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    from srcr.targets.gguf.convert import convert_to_gguf
+    from srcr.targets.gguf.runtime import LlamaCppRuntime
+
+    model = per_layer_tiny(tokenizer)
+    path = tmp_path / "per-layer.gguf"
+    convert_to_gguf(model, tokenizer, path, "F16")
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("general.architecture").contents() == "deci"
+    assert reader.get_field("deci.feed_forward_length").contents() == [256, 128, 64]
+    assert reader.get_field("deci.attention.head_count_kv").contents() == [4, 2, 1]
+    tokens = torch.randint(3, len(tokenizer), (1, 200), generator=torch.Generator().manual_seed(2))
+    runtime = LlamaCppRuntime(path, n_ctx=256)
+    try:
+        served = torch.from_numpy(runtime.logprobs(tokens[0].tolist()).astype(np.float64))
+        assert len(runtime.generate(tokens[0, :10].tolist(), 8)) > 0
+    finally:
+        runtime.close()
+    assert kl(log_probs(model, tokens)[0], served) < 1e-3
+
+
+def test_layers_of_different_widths_export_to_onnx_with_per_layer_caches(tokenizer, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from srcr.targets.onnx.runtime import OrtRuntime
+    from srcr.targets.onnx.target import ONNXTarget
+
+    model = per_layer_tiny(tokenizer)
+    target = ONNXTarget()
+    out = tmp_path / "per-layer.onnx"
+    target.export(model, tokenizer, target.resolve_quant(32, None, {}), out)
+    tokens = torch.randint(3, len(tokenizer), (1, 100), generator=torch.Generator().manual_seed(2))
+    runtime = OrtRuntime(out, device="cpu")
+    try:
+        assert runtime.facts.kv_heads == [4, 2, 1]
+        served = torch.from_numpy(runtime.logprobs(tokens[0].tolist()).astype(np.float64))
+        generated = runtime.generate(tokens[0, :10].tolist(), 8)
+    finally:
+        runtime.close()
+    assert kl(log_probs(model, tokens)[0], served) < 1e-4
+    reference = model.generate(tokens[:, :10], max_new_tokens=8, do_sample=False)[0, 10:].tolist()
+    assert generated == reference[: len(generated)]
+
+
 # --- refused up front ----------------------------------------------------------------------------------------------
 
 
@@ -290,7 +361,7 @@ def test_requests_that_leave_nothing_are_refused_from_the_config(spec, fragment)
         (["--drop-layers", "1.5"], "--drop-layers 1.5 is outside [0, 1)"),
         (["--head-ratio", "0.9"], "leaves none of the 2 KV groups"),
         (["--ffn-ratio", "0.2", "--width-method", "obs"], "unknown --width-method"),
-        (["--ffn-ratio", "0.2", "--width-allocation", "global"], "cannot write yet"),
+        (["--ffn-ratio", "0.2", "--width-allocation", "spread"], "unknown --width-allocation"),
     ],
 )
 def test_bad_structure_requests_fail_before_any_work(tmp_path, tiny_llama_dir, args, fragment):

@@ -51,6 +51,37 @@ def architecture_spec(config: PretrainedConfig) -> ArchitectureSpec:
     return _ARCHITECTURES[model_type]
 
 
+# Decoder layers of different widths (structured pruning's global allocation) are written as llama.cpp's
+# `deci` architecture: Llama with per-layer head counts and FFN widths, the same tensors and RoPE layout.
+_PER_LAYER = ArchitectureSpec(gguf.MODEL_ARCH.DECI, permute_qk=True)
+
+
+def layer_shapes(model: Any) -> list[tuple[int, int, int]]:
+    """(FFN width, query heads, KV heads) of every decoder layer, read from its weights."""
+    dim = head_dim_of(model.config)
+    return [
+        (
+            layer.mlp.down_proj.in_features,
+            layer.self_attn.q_proj.out_features // dim,
+            layer.self_attn.k_proj.out_features // dim,
+        )
+        for layer in model.model.layers
+    ]
+
+
+def architecture_for(model: Any) -> ArchitectureSpec:
+    """The model's own architecture, or `deci` when its layers differ in width."""
+    arch = architecture_spec(model.config)
+    if len(set(layer_shapes(model))) <= 1:
+        return arch
+    if arch.gguf_arch != gguf.MODEL_ARCH.LLAMA:
+        raise SrcrError(
+            f"layers of different widths are written with llama.cpp's deci architecture, which holds Llama-family "
+            f"models, not {model.config.model_type}; use --width-allocation uniform"
+        )
+    return _PER_LAYER
+
+
 def convert_to_gguf(
     model: Any,
     tokenizer: Any,
@@ -62,12 +93,13 @@ def convert_to_gguf(
     if ftype not in _FILE_TYPES:
         raise ValueError(f"ftype must be F32 or F16, got {ftype!r}")
     config = model.config
-    arch = architecture_spec(config)
+    arch = architecture_for(model)
     vocab = tokenizer_metadata(tokenizer, config.vocab_size, hints)
+    shapes = layer_shapes(model) if arch is _PER_LAYER else None
 
     writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     try:
-        _add_hyperparameters(writer, config, _FILE_TYPES[ftype], model.name_or_path or "srcr-export")
+        _add_hyperparameters(writer, config, _FILE_TYPES[ftype], model.name_or_path or "srcr-export", shapes)
         vocab.add_to_gguf(writer)
         rope_freqs = _add_rope(writer, config)
         if rope_freqs is not None:
@@ -81,17 +113,24 @@ def convert_to_gguf(
     return names
 
 
-def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any, file_type: int, name: str) -> None:
+def _add_hyperparameters(
+    writer: gguf.GGUFWriter, config: Any, file_type: int, name: str, shapes: list[tuple[int, int, int]] | None
+) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(Path(str(name)).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     head_dim = head_dim_of(config)
-    if head_dim * config.num_attention_heads != config.hidden_size:
+    if shapes is None:
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    else:
+        writer.add_feed_forward_length([ffn for ffn, _, _ in shapes])
+        writer.add_head_count([heads for _, heads, _ in shapes])
+        writer.add_head_count_kv([kv for _, _, kv in shapes])
+    if shapes is not None or head_dim * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
@@ -162,8 +201,7 @@ def interleave_rope_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
 def _add_weights(writer: gguf.GGUFWriter, model: Any, arch: ArchitectureSpec, ftype: str) -> dict[str, str]:
     config = model.config
     name_map = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
-    n_head = config.num_attention_heads
-    n_head_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = head_dim_of(config)
     tied = _embeddings_tied(model)
     names: dict[str, str] = {}
     for hf_name, tensor in model.state_dict().items():
@@ -179,10 +217,9 @@ def _add_weights(writer: gguf.GGUFWriter, model: Any, arch: ArchitectureSpec, ft
             names[hf_name] = "token_embd.weight"
             continue
         data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
-        if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
-            data = interleave_rope_rows(data, n_head)
-        elif arch.permute_qk and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
-            data = interleave_rope_rows(data, n_head_kv)
+        if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            # Per head: the heads of this very layer (structured pruning may leave layers with different counts).
+            data = interleave_rope_rows(data, data.shape[0] // head_dim)
         # llama.cpp keeps norms and biases in F32 whatever the file type.
         if ftype == "F16" and data.ndim >= 2:
             data = data.astype(np.float16)

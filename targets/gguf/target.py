@@ -39,7 +39,6 @@ UNQUANTIZED = ("F32", "F16")
 class GGUFTarget:
     name = "gguf"
     suffix = ".gguf"
-    per_layer_widths = False  # llama.cpp's `deci` architecture would hold them; not written yet
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         options = {key: value for key, value in options.items() if value is not None}
@@ -62,6 +61,10 @@ class GGUFTarget:
                 )
             name = BITS_TO_TYPE[bits]
         return QuantSpec(format=self.name, bits=nominal_bits(name), quant_type=name, options=options)
+
+    def per_layer_widths(self, config: PretrainedConfig) -> bool:
+        # Written as llama.cpp's `deci` architecture, which is Llama with per-layer widths.
+        return architecture_spec(config).gguf_arch == gguf.MODEL_ARCH.LLAMA
 
     def width_multiple(self, spec: QuantSpec) -> int:
         return block_width(spec.quant_type)

@@ -10,6 +10,7 @@ their tensors in one external data file beside the .onnx (`<name>.data`).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import zlib
@@ -52,7 +53,7 @@ class ModelFacts:
     bos_token_id: int | None
     vocab_size: int
     layers: int
-    kv_heads: int
+    kv_heads: int | list[int]  # one count, or one per layer
     head_dim: int
     architecture: str
 
@@ -72,9 +73,10 @@ class ModelFacts:
             raise SrcrError(
                 f"the artifact's model facts are malformed ({where}: {first['msg']}); re-export it"
             ) from None
-        if min(facts.vocab_size, facts.layers, facts.kv_heads, facts.head_dim) < 1:
-            raise SrcrError("the artifact's model facts hold a non-positive size; re-export it")
-        return facts
+        counts = facts.kv_heads if isinstance(facts.kv_heads, list) else [facts.kv_heads] * facts.layers
+        if min(facts.vocab_size, facts.layers, facts.head_dim, *counts) < 1 or len(counts) != facts.layers:
+            raise SrcrError("the artifact's model facts hold a non-positive or inconsistent size; re-export it")
+        return dataclasses.replace(facts, kv_heads=counts)
 
 
 def attach_metadata(

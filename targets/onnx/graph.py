@@ -28,14 +28,27 @@ _WRAPPER_PREFIX = "decoder"
 @dataclass(frozen=True)
 class CacheShape:
     layers: int
-    kv_heads: int
+    kv_heads: tuple[int, ...]  # per layer: structured pruning may leave layers with different counts
     head_dim: int
 
     @classmethod
-    def of(cls, config: Any) -> CacheShape:
+    def of(cls, model: Any) -> CacheShape:
+        config = model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim)
+        default = getattr(config, "num_key_value_heads", None) or heads
+        layers = getattr(getattr(model, "model", None), "layers", None) or []
+        kv = [
+            layer.self_attn.k_proj.out_features // head_dim
+            if hasattr(getattr(layer, "self_attn", None), "k_proj")
+            else default
+            for layer in layers
+        ] or [default] * config.num_hidden_layers
+        return cls(len(kv), tuple(kv), head_dim)
+
+    def per_layer(self) -> int | list[int]:
+        """One count when every layer has it, else the list (what the artifact's metadata stores)."""
+        return self.kv_heads[0] if len(set(self.kv_heads)) == 1 else list(self.kv_heads)
 
 
 def past_names(layers: int) -> list[str]:
@@ -104,8 +117,9 @@ def _trace_inputs(model: Any, shape: CacheShape) -> tuple[Any, ...]:
     attention_mask = torch.ones((1, total), dtype=torch.long, device=device)
     position_ids = torch.arange(_TRACE_PAST, total, dtype=torch.long, device=device)[None]
     past = [
-        torch.zeros((1, shape.kv_heads, _TRACE_PAST, shape.head_dim), dtype=torch.float32, device=device)
-        for _ in range(2 * shape.layers)
+        torch.zeros((1, shape.kv_heads[layer], _TRACE_PAST, shape.head_dim), dtype=torch.float32, device=device)
+        for layer in range(shape.layers)
+        for _ in ("key", "value")
     ]
     return (input_ids, attention_mask, position_ids, *past)
 
@@ -128,7 +142,7 @@ def export_decoder(model: Any, onnx_path: Path) -> Any:
     import onnx
     import torch
 
-    shape = CacheShape.of(model.config)
+    shape = CacheShape.of(model)
     layers = shape.layers
     with _tracing_mode(model), torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python branch on tensor shapes; the trace inputs are chosen so

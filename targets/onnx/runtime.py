@@ -116,8 +116,11 @@ class OrtRuntime(DecoderRuntime):
         return self._tokenizer.decode([int(token) for token in tokens], skip_special_tokens=True)
 
     def _empty_cache(self) -> list[np.ndarray]:
-        shape = (1, self.facts.kv_heads, 0, self.facts.head_dim)
-        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.facts.layers)]
+        return [
+            np.zeros((1, heads, 0, self.facts.head_dim), dtype=np.float32)
+            for heads in self.facts.kv_heads  # per layer (ModelFacts.from_json made it a list)
+            for _ in ("key", "value")
+        ]
 
     def forward(self, tokens: Sequence[int], reset: bool, first_row: int) -> np.ndarray:
         if reset or not self._cache:

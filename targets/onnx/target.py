@@ -33,12 +33,14 @@ def require_onnx() -> Any:
 class ONNXTarget:
     name = "onnx"
     suffix = ".onnx"
-    per_layer_widths = False  # the KV-cache inputs assume one head count for every layer
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         require_onnx()
         require_onnxruntime()
         return specs.resolve(bits, quant_type, options)
+
+    def per_layer_widths(self, config: PretrainedConfig) -> bool:
+        return True  # the cache inputs take each layer's own KV head count
 
     def width_multiple(self, spec: QuantSpec) -> int:
         return int(spec.options.get("block_size") or 1)
@@ -152,13 +154,13 @@ def _model_facts(model: Any, tokenizer: Any) -> Any:
     from srcr.targets.onnx.artifact import ModelFacts
     from srcr.targets.onnx.graph import CacheShape
 
-    shape = CacheShape.of(model.config)
+    shape = CacheShape.of(model)
     return ModelFacts(
         eos_token_ids=end_of_sequence_ids(model, tokenizer),
         bos_token_id=prepended_bos(tokenizer),
         vocab_size=int(model.config.vocab_size),
         layers=shape.layers,
-        kv_heads=shape.kv_heads,
+        kv_heads=shape.per_layer(),
         head_dim=shape.head_dim,
         architecture=type(model).__name__,
     )
