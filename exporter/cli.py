@@ -460,8 +460,7 @@ def common_name_prefix(names: list[str]) -> str:
 def sweep_tables(summary: SweepSummary) -> list[Table]:
     prefix = common_name_prefix([record["name"] for record in summary.records])
     title = (
-        "srcr sweep (sorted by SrCr; ◆ Pareto front by TCr, ◇ by bytes, ▲ by prompt tokens/s; "
-        "retention per evaluator)"
+        "srcr sweep (sorted by SrCr; ◆ Pareto front by TCr, ◇ by bytes, ▲ by prompt tokens/s; retention per evaluator)"
     )
     # No vertical rules: twelve columns then fit a 120-column terminal.
     table = Table(
