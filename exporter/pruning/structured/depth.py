@@ -3,14 +3,12 @@
 - Block influence (Men et al. 2024, ShortGPT): BI_i = 1 − mean over tokens of cos(h_in, h_out) of
   layer i, on the dense model in one calibration pass; the layers that change their input least go.
 - SLEB (Song et al. 2024): remove one layer at a time, each time the one whose removal (on top of
-  those already removed) gives the lowest calibration perplexity. It runs the model once per
-  candidate per step, so it scores on `sleb_samples` calibration windows cut to 512 tokens.
+  those already removed) gives the lowest calibration perplexity. Each candidate costs the layers
+  after it plus the output projection, per step, so it scores on `sleb_samples` calibration windows
+  cut to 512 tokens.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,49 +33,49 @@ def block_influence(inputs: torch.Tensor, outputs: torch.Tensor) -> float:
     return float(1.0 - similarity.mean())
 
 
-@contextlib.contextmanager
-def without_layers(model: nn.Module, skipped: set[int]) -> Iterator[None]:
-    """The model runs as if the `skipped` decoder layers were gone (no KV cache involved)."""
-    layers, config = model.model.layers, model.config
-    count = config.num_hidden_layers
-    model.model.layers = nn.ModuleList([layer for index, layer in enumerate(layers) if index not in skipped])
-    config.num_hidden_layers = len(model.model.layers)
-    try:
-        yield
-    finally:
-        model.model.layers = layers
-        config.num_hidden_layers = count
-
-
-@torch.no_grad()
-def calibration_loss(model: nn.Module, ids: torch.Tensor) -> float:
-    """Mean next-token negative log-likelihood over the samples."""
-    total, tokens = 0.0, 0
-    for sample in ids:
-        logits = model(sample[None], use_cache=False).logits[0, :-1].float()
-        total += float(F.cross_entropy(logits, sample[1:], reduction="sum"))
-        tokens += len(sample) - 1
-    return total / tokens
+def _loss_from_hidden(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token NLL from the last decoder layer's output: final norm, output projection, loss."""
+    total = 0.0
+    for sample, states in zip(ids, hidden, strict=True):
+        logits = model.get_output_embeddings()(model.model.norm(states[None]))[0, :-1].float()
+        total += float(F.cross_entropy(logits, sample[1:].to(logits.device), reduction="sum"))
+    return total / (ids.shape[0] * (ids.shape[1] - 1))
 
 
 def sleb_order(
     model: nn.Module, ids: torch.Tensor, count: int, samples: int, progress: ProgressFn = no_progress
 ) -> tuple[list[int], list[float]]:
-    """(layers removed in order, calibration loss after each removal)."""
+    """(layers removed in order, calibration loss after each removal).
+
+    Each step runs the current model once and keeps the hidden states entering every layer; a
+    candidate's removal is then scored from the states entering it, through the layers after it only
+    (half the layer evaluations of running the whole model per candidate, the same losses).
+    """
+    from srcr.exporter.pruning.driver import capture_layer_inputs, run_layer
+
     ids = ids[:samples, :SLEB_TOKENS]
-    layers = len(model.model.layers)
+    layers = model.model.layers
+    device = next(model.parameters()).device
+    first, layer_kwargs = capture_layer_inputs(model, layers[0], ids, device)
     removed: list[int] = []
     losses: list[float] = []
     for step in range(count):
+        kept = [index for index in range(len(layers)) if index not in removed]
+        entering, hidden = {}, first
+        for index in kept:
+            entering[index] = hidden
+            hidden = run_layer(layers[index], hidden, layer_kwargs)
         best, best_loss = None, float("inf")
-        candidates = [index for index in range(layers) if index not in removed]
-        for position, candidate in enumerate(candidates):
-            progress(f"sleb: step {step + 1}/{count}", position, len(candidates))
-            with without_layers(model, {*removed, candidate}):
-                loss = calibration_loss(model, ids)
+        for position, candidate in enumerate(kept):
+            progress(f"sleb: step {step + 1}/{count}", position, len(kept))
+            hidden = entering[candidate]
+            for index in kept[position + 1 :]:
+                hidden = run_layer(layers[index], hidden, layer_kwargs)
+            loss = _loss_from_hidden(model, hidden, ids)
             if loss < best_loss:
                 best, best_loss = candidate, loss
+        del entering
         removed.append(best)
         losses.append(best_loss)
-        progress(f"sleb: step {step + 1}/{count}", len(candidates), len(candidates))
+        progress(f"sleb: step {step + 1}/{count}", len(kept), len(kept))
     return removed, losses
