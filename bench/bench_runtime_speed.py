@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -77,6 +78,8 @@ def main() -> None:
         rows.append({"artifact": str(path), "bytes": path.stat().st_size, "prompt_tokens_per_s": prompt,
                      "generation_tokens_per_s": generation, "passes": measured})  # fmt: skip
     base = rows[0]
+    names = [Path(row["artifact"]).name for row in rows]
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
     table = Table(title="runtime speed against the first artifact")
     for header in ("artifact", "MB", "prompt tok/s", "×", "generation tok/s", "×"):
         table.add_column(header, justify="left" if header == "artifact" else "right")
@@ -84,7 +87,7 @@ def main() -> None:
         row["prompt_ratio"] = row["prompt_tokens_per_s"] / base["prompt_tokens_per_s"]
         row["generation_ratio"] = row["generation_tokens_per_s"] / base["generation_tokens_per_s"]
         table.add_row(
-            Path(row["artifact"]).name,
+            Path(row["artifact"]).name[len(prefix) :] or Path(row["artifact"]).name,
             f"{row['bytes'] / 1e6:.1f}",
             f"{row['prompt_tokens_per_s']:.0f}",
             f"{row['prompt_ratio']:.2f}",

@@ -38,6 +38,12 @@ METHOD_HELP = (
     "Pruning method: sparsegpt (second-order, with error compensation; the default), "
     "wanda (|w| × input norm) or magnitude (|w| alone)."
 )
+QUANTIZER_HELP = (
+    "Who rounds the decoder's weight matrices: the format's own quantizer (default: llama.cpp for GGUF, "
+    "ONNX Runtime for ONNX) or gptq: srcr's GPTQ onto the format's exact grid, in the same calibration sweep "
+    "as pruning (joint SparseGPT + GPTQ when pruning), written into the file without re-quantizing "
+    "(GGUF Q4_0, Q5_0, Q8_0: --bits 4, 5, 8)."
+)
 DEVICE_HELP = (
     "Where PyTorch runs the dense reference and pruning: auto (CUDA when available), cpu or cuda. "
     "The artifact itself is measured in its own runtime, on its accelerator when it has one."
@@ -207,6 +213,7 @@ def export(
     symmetric: Annotated[
         bool | None, typer.Option("--symmetric/--asymmetric", help="ONNX: symmetric or asymmetric blocks.")
     ] = None,
+    quantizer: Annotated[str | None, typer.Option(help=QUANTIZER_HELP)] = None,
     evaluate: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Measure the exported artifact against the dense model.")
     ] = True,
@@ -252,6 +259,7 @@ def export(
                 "quant_algo": quant_algo,
                 "quant_scheme": quant_scheme,
                 "symmetric": symmetric,
+                "quantizer": quantizer,
             }.items()
             if value is not None
         }
@@ -524,7 +532,20 @@ def sweep(
             "(layers, depth, ffn, heads, width, allocation), e.g. 'none;ffn=0.25;layers=0.2,depth=sleb'."
         ),
     ] = "none",
-    bits: Annotated[str, typer.Option(help="Bit-widths to try, comma-separated.")] = "2,3,4,8",
+    bits: Annotated[
+        str, typer.Option(help="Bit-widths to try, comma-separated ('' for none: only --quant-type).")
+    ] = "2,3,4,8",
+    quant_type: Annotated[
+        str, typer.Option(help="The format's type names to try beside --bits, comma-separated (e.g. Q4_0,Q5_0).")
+    ] = "",
+    quantizer: Annotated[
+        str,
+        typer.Option(
+            help="Quantizers to try, comma-separated (e.g. llama.cpp,gptq); default: the format's own. "
+            + QUANTIZER_HELP.split(": ", 1)[0]
+            + "."
+        ),
+    ] = "",
     fmt: Annotated[str, typer.Option("--format", help="Deployment format: gguf or onnx.")] = "gguf",
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sparsegpt",
     percdamp: Annotated[float, typer.Option(help=PERCDAMP_HELP)] = 0.01,
@@ -567,6 +588,8 @@ def sweep(
             sparsities=_split(sparsity, float, "sparsity"),
             patterns=_split(pattern, str, "pattern"),
             bits=_split(bits, int, "bits"),
+            quantizers=_split(quantizer, str, "quantizer") or [None],
+            quant_types=_split(quant_type, str, "quant-type"),
             prune=PruneOptions(method=method, percdamp=percdamp, block_size=prune_block_size),
             structures=parse_structures(structures),
             calib=calib,

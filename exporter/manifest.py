@@ -132,6 +132,7 @@ class Pruning(Section):
     seed: int
     options: dict[str, float | int]  # the method's options (percdamp, block size)
     structure: Structure | None = None
+    gptq_grid: str | None = None  # srcr's GPTQ rounded the decoder's matrices onto this type in the same sweep
 
 
 class Quantization(OpenSection):

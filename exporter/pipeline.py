@@ -187,7 +187,7 @@ class Setting:
 
     @property
     def changes_weights(self) -> bool:
-        return self.prune.prunes or self.structure.active
+        return self.prune.solves or self.structure.active
 
     @property
     def label(self) -> str:
@@ -200,7 +200,16 @@ class Setting:
 
 
 def default_name(source: str, setting: Setting, spec: QuantSpec) -> str:
-    return f"{_slug(source)}-{setting.label}-{_slug(spec.quant_type)}"
+    quantizer = "gptq-" if spec.grid is not None else ""
+    return f"{_slug(source)}-{setting.label}-{quantizer}{_slug(spec.quant_type)}"
+
+
+def setting_for(setting: Setting, spec: QuantSpec) -> Setting:
+    """The setting as `spec` needs it: srcr's GPTQ rounds onto the spec's grid in the pruning pass itself,
+    so each such quantization has a calibration pass of its own."""
+    if spec.grid is None:
+        return setting
+    return dataclasses.replace(setting, prune=dataclasses.replace(setting.prune, grid=spec.grid))
 
 
 @dataclass
@@ -237,11 +246,25 @@ class RunInputs(Protocol):
 
 
 def make_plan(
-    options: RunInputs, bits: Sequence[int | None], quant_type: str | None, settings: Sequence[Setting]
+    options: RunInputs,
+    bits: Sequence[int | None],
+    quant_type: str | None,
+    settings: Sequence[Setting],
+    quantizers: Sequence[str | None] = (None,),
+    quant_types: Sequence[str] = (),
 ) -> Plan:
-    """Cheapest checks first: flags, then files, then the model's config; no weight is read here."""
+    """Cheapest checks first: flags, then files, then the model's config; no weight is read here.
+
+    Every quantizer is crossed with every bit-width and every named type (`quant_types`, beside
+    `bits`); None is the format's own quantizer (or --quantizer in `options.target_options`)."""
     target = get_target(options.format)
-    specs = [target.resolve_quant(width, quant_type, options.target_options) for width in bits]
+    requests = [(width, quant_type) for width in bits] + [(None, name) for name in quant_types]
+    resolved = [
+        target.resolve_quant(width, name, _with_quantizer(options.target_options, quantizer))
+        for quantizer in quantizers
+        for width, name in requests
+    ]
+    specs = list({(spec.quant_type, spec.grid): spec for spec in resolved}.values())
     settings = [_fit_structure(setting, target, specs) for setting in settings]
     check_calibration_request(options.calib_samples, options.seq_len)
     device = resolve_device(options.device)
@@ -251,7 +274,7 @@ def make_plan(
     source = open_source(options.model, options.allow_pickle)
     for spec in specs:
         target.check_model(source.config, spec)
-    for setting in settings:
+    for setting in {setting_for(setting, spec) for setting in settings for spec in specs}:
         check_prunable(source.config, setting.prune, options.seq_len or DEFAULT_SEQ_LEN)
         if setting.structure.active:
             check_fits(source.config, setting.structure)
@@ -273,6 +296,10 @@ def make_plan(
         seq_len=options.seq_len,
         seed=options.seed,
     )
+
+
+def _with_quantizer(target_options: dict[str, object], quantizer: str | None) -> dict[str, object]:
+    return target_options if quantizer is None else {**target_options, "quantizer": quantizer}
 
 
 def _fit_structure(setting: Setting, target: Target, specs: Sequence[QuantSpec]) -> Setting:
@@ -374,6 +401,8 @@ def pruning_section(pruned: PrunedModel) -> dict[str, Any]:
         "imatrix_tokens": report.imatrix_tokens,
         "seed": pruned.seed,
         "options": {"percdamp": spec.percdamp, "block_size": spec.block_size} if spec.method == "sparsegpt" else {},
+        # srcr's GPTQ rounded the decoder's matrices onto this grid in the same sweep as pruning.
+        "gptq_grid": spec.grid,
         "structure": structure_section(pruned),
     }
 
@@ -441,6 +470,7 @@ def write_export(
                 imatrix=pruned.report.imatrix,
                 hints={**loaded.hints, "artifact_name": paths.artifact.name},
                 progress=progress,
+                codes=pruned.report.codes,
             )
         timer.split("export", result.stage_seconds)
         evaluation = None
@@ -524,8 +554,8 @@ def run_export(
     if options.name is not None:
         check_file_name(options.name)
     plan = make_plan(options, [options.bits], options.quant_type, [setting])
-    setting = plan.settings[0]
     spec = plan.specs[0]
+    setting = setting_for(plan.settings[0], spec)
     name = options.name or default_name(plan.source.label, setting, spec)
     paths = OutputPaths.for_name(options.out, name, plan.target.suffix)
     paths.check(options.overwrite, with_reference=plan.evaluation is not None)

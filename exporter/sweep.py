@@ -32,6 +32,7 @@ from srcr.exporter.pipeline import (
     prune_spec_for,
     prune_stage,
     reference_stage,
+    setting_for,
     workspace,
     write_export,
 )
@@ -49,6 +50,8 @@ class SweepOptions:
     sparsities: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
     patterns: list[str] = field(default_factory=list)
     bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    quantizers: list[str | None] = field(default_factory=lambda: [None])  # None: the format's own
+    quant_types: list[str] = field(default_factory=list)  # the format's type names, tried beside `bits`
     prune: PruneOptions = field(default_factory=PruneOptions)
     # Structured pruning settings crossed with the unstructured ones; StructureSpec() is "none".
     structures: list[StructureSpec] = field(default_factory=lambda: [StructureSpec(multiple=0)])
@@ -155,9 +158,10 @@ def run_sweep(options: SweepOptions, progress: ProgressFn = no_progress) -> list
     """Run (or resume) the sweep; returns the manifests of every configuration, in sweep order."""
     if not options.evaluation.enabled:
         raise SrcrError("a sweep ranks configurations by Sr, so it always evaluates; drop --no-eval")
-    if not options.bits:
-        raise SrcrError("--bits is empty; pass the bit-widths to try, e.g. --bits 2,3,4,8")
-    plan = make_plan(options, list(dict.fromkeys(options.bits)), None, sweep_settings(options))
+    if not options.bits and not options.quant_types:
+        raise SrcrError("--bits is empty; pass the bit-widths to try, e.g. --bits 2,3,4,8, or --quant-type")
+    bits, quantizers = list(dict.fromkeys(options.bits)), list(dict.fromkeys(options.quantizers))
+    plan = make_plan(options, bits, None, sweep_settings(options), quantizers, list(dict.fromkeys(options.quant_types)))
     with workspace(options.out, LOCK_NAME, f"the sweep folder {options.out}") as folder:
         return _run(plan, options, folder, progress)
 
@@ -166,7 +170,11 @@ def _run(plan: Plan, options: SweepOptions, folder: Path, progress: ProgressFn) 
     identity = _sweep_identity(plan, options)
     index = _load_index(folder, identity)
     plan_rows = [
-        (setting, spec, _paths(folder, default_name(plan.source.label, setting, spec), plan.target.suffix))
+        (
+            setting_for(setting, spec),
+            spec,
+            _paths(folder, default_name(plan.source.label, setting, spec), plan.target.suffix),
+        )
         for setting in plan.settings
         for spec in plan.specs
     ]
@@ -178,7 +186,7 @@ def _run(plan: Plan, options: SweepOptions, folder: Path, progress: ProgressFn) 
 
     total, finished = len(plan_rows), 0
     manifests: dict[Path, Manifest] = {}
-    todo: dict[Setting, list[tuple[Any, OutputPaths]]] = {setting: [] for setting in plan.settings}
+    todo: dict[Setting, list[tuple[Any, OutputPaths]]] = {setting: [] for setting, _, _ in plan_rows}
     for setting, spec, paths in plan_rows:
         done = _is_done(folder, paths.manifest, reference_sha)
         if done is not None:
@@ -187,7 +195,7 @@ def _run(plan: Plan, options: SweepOptions, folder: Path, progress: ProgressFn) 
             progress("sweep: skipping finished configurations", finished, total)
         else:
             todo[setting].append((spec, paths))
-    with_work = [setting for setting in plan.settings if todo[setting]]
+    with_work = [setting for setting in todo if todo[setting]]
     for position, setting in enumerate(with_work):
         timer = StageTimer()
         pruned = prune_stage(

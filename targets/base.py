@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.runtime import Runtime
 
@@ -38,6 +39,9 @@ class QuantSpec:
     bits: int
     quant_type: str  # the format's own name, e.g. "Q4_K_M" (GGUF) or "MatMulNBits-q4-wls-b32" (ONNX)
     options: Mapping[str, object] = field(default_factory=dict)
+    # srcr's GPTQ rounds onto this block grid (srcr.base.grids) during calibration and the target writes
+    # the codes as they are; None: the format's own quantizer quantizes the float weights.
+    grid: str | None = None
 
 
 @dataclass
@@ -86,8 +90,12 @@ class Target(Protocol):
         imatrix: Imatrix | None = None,
         hints: Mapping[str, object] | None = None,
         progress: ProgressFn = no_progress,
+        codes: Mapping[str, BlockCodes] | None = None,
     ) -> ExportResult:
-        """Write the artifact to `out` (the caller guarantees `out` is a fresh temporary path)."""
+        """Write the artifact to `out` (the caller guarantees `out` is a fresh temporary path).
+
+        `codes` (Hugging Face weight name -> codes and scales on `spec.grid`) are written as they are.
+        """
         ...
 
     def open_runtime(self, artifact: Path, device: str = "auto") -> Runtime:

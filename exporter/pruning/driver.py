@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from srcr.base.errors import SrcrError
+from srcr.base.grids import BlockCodes, grid
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.shapes import linear_input_dims
 from srcr.exporter.pruning.method import SHARED_INPUT, PruningMethod
@@ -50,8 +51,9 @@ def prune_model(
     _check_calibration(calib_ids)
     layers = decoder_layers(model)
     check_prunable(model.config, spec, calib_ids.shape[1])
-    pruning = spec.prunes
-    method = method_class(spec.method) if pruning else None
+    pruning = spec.solves
+    # GPTQ needs SparseGPT's Hessian even when nothing is pruned.
+    method = (method_class("sparsegpt") if spec.grid is not None else method_class(spec.method)) if pruning else None
     if method is not None and method.grouping != SHARED_INPUT:
         raise NotImplementedError(f"grouping {method.grouping!r} of method {spec.method!r}")
     layer_names = _module_names(model, layers)
@@ -60,6 +62,7 @@ def prune_model(
     start = time.perf_counter()
     per_layer: list[LayerSparsity] = []
     imatrix: dict[str, np.ndarray] = {}
+    codes: dict[str, BlockCodes] = {}
     with torch.no_grad(), inference_setup(model):
         inputs, layer_kwargs = capture_layer_inputs(model, layers[0], calib_ids, target)
         for index, layer in enumerate(layers):
@@ -70,10 +73,16 @@ def prune_model(
             for group in calibrate_layer(layer, inputs, layer_kwargs, spec, method, outputs):
                 if group.method is not None:
                     group.method.prune()
-                for name, linear in group.linears.items():
+                for (name, linear), rows in zip(group.linears.items(), _row_ranges(group.linears), strict=True):
                     full_name = f"{layer_names[index]}.{name}"
                     imatrix[f"{full_name}.weight"] = group.statistics.mean_square.cpu().numpy()
-                    per_layer.append(_sparsity_row(index, full_name, linear.weight))
+                    quantized = getattr(group.method, "codes", None)
+                    if quantized is None:
+                        per_layer.append(_sparsity_row(index, full_name, linear.weight))
+                        continue
+                    # On a grid, weights that merely round to zero are not pruned: count the mask.
+                    codes[f"{full_name}.weight"] = quantized.rows(*rows)
+                    per_layer.append(_sparsity_row(index, full_name, group.method.pruned_mask[rows[0] : rows[1]]))
             inputs = run_layer(layer, inputs, layer_kwargs) if outputs is None else outputs
             layer.to(home)
             progress(f"calibrate+prune layer {index + 1}/{len(layers)}", index + 1, len(layers))
@@ -87,6 +96,7 @@ def prune_model(
         imatrix=imatrix,
         imatrix_tokens=int(calib_ids.numel()),
         seconds=time.perf_counter() - start,
+        codes=codes,
     )
 
 
@@ -241,13 +251,17 @@ def check_prunable(config: PretrainedConfig, spec: PruneSpec, seq_len: int) -> N
     """The model-dependent limits of a pruning request, from the config alone (before loading weights)."""
     if spec.pattern is not None:
         m = spec.pattern[1]
-        try:
-            dims = linear_input_dims(config)
-        except AttributeError:
-            dims = {}
-        for kind, columns in dims.items():
+        for kind, columns in _input_dims(config).items():
             if columns % m:
                 raise SrcrError(f"{kind} has {columns} inputs, not a multiple of M={m}; pick an M that divides it")
+    if spec.grid is not None:
+        block = grid(spec.grid).block
+        for kind, columns in _input_dims(config).items():
+            if columns % block:
+                raise SrcrError(
+                    f"{kind} has {columns} inputs, not a multiple of {spec.grid}'s {block}-weight blocks; "
+                    "use --quantizer llama.cpp for this model"
+                )
     # Layer 0's keyword arguments serve every layer; a sliding-window layer's mask only equals a
     # full-attention layer's when the samples fit in the window.
     kinds = set(getattr(config, "layer_types", None) or [])
@@ -259,10 +273,26 @@ def check_prunable(config: PretrainedConfig, spec: PruneSpec, seq_len: int) -> N
         )
 
 
-def _sparsity_row(layer: int, name: str, weight: torch.Tensor) -> LayerSparsity:
-    return LayerSparsity(
-        layer=layer, name=name, sparsity=int((weight == 0).sum()) / weight.numel(), numel=weight.numel()
-    )
+def _input_dims(config: PretrainedConfig) -> dict[str, int]:
+    try:
+        return linear_input_dims(config)
+    except AttributeError:
+        return {}
+
+
+def _sparsity_row(layer: int, name: str, zeros: torch.Tensor) -> LayerSparsity:
+    """`zeros`: the weight (its zeros count) or a pruning mask (its True entries count)."""
+    count = int(zeros.sum()) if zeros.dtype == torch.bool else int((zeros == 0).sum())
+    return LayerSparsity(layer=layer, name=name, sparsity=count / zeros.numel(), numel=zeros.numel())
+
+
+def _row_ranges(linears: dict[str, nn.Linear]) -> list[tuple[int, int]]:
+    """Each linear's rows in the group's stacked weight."""
+    ranges, start = [], 0
+    for linear in linears.values():
+        ranges.append((start, start + linear.out_features))
+        start += linear.out_features
+    return ranges
 
 
 def _module_names(model: nn.Module, layers: nn.ModuleList) -> list[str]:

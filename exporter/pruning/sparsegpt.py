@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import torch
 
 from srcr.base.errors import SrcrError
+from srcr.base.grids import BlockCodes, grid
+from srcr.exporter.pruning.gptq import quantize_columnwise
 from srcr.exporter.pruning.masks import segment_lowest_k_mask
 from srcr.exporter.pruning.method import PruningMethod
 from srcr.exporter.pruning.spec import PruneSpec
@@ -45,6 +47,8 @@ class SparseGPT(PruningMethod):
         """`leaf`: (width, "columns" | "triangular") for prune_lazy; None picks by device."""
         super().__init__(linears, spec, statistics)
         self.leaf = leaf
+        self.codes: BlockCodes | None = None  # set by prune() when spec.grid asks for GPTQ
+        self.pruned_mask: torch.Tensor | None = None
         self.tokens = 0
         self.hessian: torch.Tensor | None = torch.zeros(
             (statistics.columns, statistics.columns), dtype=torch.float32, device=statistics.mean_square.device
@@ -71,6 +75,19 @@ class SparseGPT(PruningMethod):
         self.hessian = None
         weight = self.stacked_weight()
         weight[:, dead] = 0
+        if self.spec.grid is not None:
+            # Joint SparseGPT + GPTQ: one column sweep prunes and rounds onto the format's grid.
+            values, self.codes, self.pruned_mask = quantize_columnwise(
+                weight,
+                hinv,
+                grid(self.spec.grid),
+                self.spec.sparsity,
+                self.spec.pattern,
+                self.spec.block_size,
+                row_splits=self.row_splits(),
+            )
+            self.write_stacked(values)
+            return
         leaf, leaf_solve = self.leaf or leaf_settings(weight.device, self.spec.pattern)
         pruned = prune_lazy(
             weight,

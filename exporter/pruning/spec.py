@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from srcr.base.errors import SrcrError
+from srcr.base.grids import GRIDS, BlockCodes
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 DEFAULT_PERCDAMP = 0.01
@@ -22,6 +23,9 @@ class PruneSpec:
     pattern: tuple[int, int] | None = None  # (n, m): n of every m consecutive input weights zeroed
     block_size: int = DEFAULT_BLOCK_SIZE  # SparseGPT: columns per lazy-update block
     percdamp: float = DEFAULT_PERCDAMP  # SparseGPT: Hessian dampening, a fraction of its mean diagonal
+    # srcr's GPTQ: the block grid (srcr.base.grids) to round onto in the same sweep; None leaves the
+    # weights in float for the format's own quantizer.
+    grid: str | None = None
 
     @property
     def target_sparsity(self) -> float:
@@ -29,6 +33,11 @@ class PruneSpec:
             n, m = self.pattern
             return n / m
         return float(self.sparsity)
+
+    @property
+    def solves(self) -> bool:
+        """True when the calibration pass changes weights: pruning, GPTQ, or both in one sweep."""
+        return self.prunes or self.grid is not None
 
     @property
     def prunes(self) -> bool:
@@ -52,6 +61,8 @@ class PruneReport:
     imatrix: dict[str, np.ndarray] = field(repr=False)
     imatrix_tokens: int
     seconds: float
+    # "<linear>.weight" -> its codes and scales when GPTQ rounded it onto a format's grid (spec.grid)
+    codes: dict[str, BlockCodes] = field(default_factory=dict, repr=False)
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -81,5 +92,18 @@ def check_generic(spec: PruneSpec) -> None:
         raise SrcrError("pass either --sparsity (unstructured) or --pattern N:M, not both")
     if spec.block_size < 1:
         raise SrcrError(f"--prune-block-size {spec.block_size} must be positive; the default is {DEFAULT_BLOCK_SIZE}")
+    if spec.grid is not None:
+        if spec.grid not in GRIDS:
+            raise SrcrError(f"srcr's GPTQ writes {', '.join(GRIDS)}, not {spec.grid}; pick one of them")
+        if spec.block_size % GRIDS[spec.grid].block:
+            raise SrcrError(
+                f"--prune-block-size {spec.block_size} must be a multiple of {GRIDS[spec.grid].block} for "
+                f"--quantizer gptq: each {GRIDS[spec.grid].block}-column block gets its scale once"
+            )
+        if spec.prunes and spec.method != "sparsegpt":
+            raise SrcrError(
+                "--quantizer gptq prunes and quantizes in one SparseGPT sweep; "
+                f"use --method sparsegpt, not {spec.method}"
+            )
     if not (math.isfinite(spec.percdamp) and 0 <= spec.percdamp <= 10):
         raise SrcrError(f"--percdamp {spec.percdamp} must be a number in [0, 10]; the default is {DEFAULT_PERCDAMP}")

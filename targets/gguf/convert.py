@@ -8,6 +8,7 @@ llama.cpp's interleaved (GPT-J style) rope on the rows that Hugging Face keeps i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,7 +18,9 @@ import numpy as np
 import torch
 
 from srcr.base.errors import SrcrError
+from srcr.base.grids import BlockCodes
 from srcr.base.shapes import head_dim as head_dim_of
+from srcr.targets.gguf.blocks import GGML_TYPES, pack
 from srcr.targets.gguf.vocab import tokenizer_metadata
 
 if TYPE_CHECKING:
@@ -88,8 +91,13 @@ def convert_to_gguf(
     out: Path,
     ftype: Literal["F32", "F16"],
     hints: dict[str, Any] | None = None,
+    codes: Mapping[str, BlockCodes] | None = None,
 ) -> dict[str, str]:
-    """Write `model` + `tokenizer` to `out` as a GGUF; return {hf weight name: GGUF tensor name}."""
+    """Write `model` + `tokenizer` to `out` as a GGUF; return {hf weight name: GGUF tensor name}.
+
+    Weights named in `codes` are written as their grid's ggml type from those codes and scales (no
+    rounding here), every other one as `ftype`.
+    """
     if ftype not in _FILE_TYPES:
         raise ValueError(f"ftype must be F32 or F16, got {ftype!r}")
     config = model.config
@@ -104,7 +112,7 @@ def convert_to_gguf(
         rope_freqs = _add_rope(writer, config)
         if rope_freqs is not None:
             writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
-        names = _add_weights(writer, model, arch, ftype)
+        names = _add_weights(writer, model, arch, ftype, codes or {})
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -198,7 +206,12 @@ def interleave_rope_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _add_weights(writer: gguf.GGUFWriter, model: Any, arch: ArchitectureSpec, ftype: str) -> dict[str, str]:
+_ROPE_ROWS = ("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")
+
+
+def _add_weights(
+    writer: gguf.GGUFWriter, model: Any, arch: ArchitectureSpec, ftype: str, codes: Mapping[str, BlockCodes]
+) -> dict[str, str]:
     config = model.config
     name_map = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
     head_dim = head_dim_of(config)
@@ -216,8 +229,21 @@ def _add_weights(writer: gguf.GGUFWriter, model: Any, arch: ArchitectureSpec, ft
             # inputs of the output projection) then belongs to token_embd.
             names[hf_name] = "token_embd.weight"
             continue
+        permute = arch.permute_qk and gguf_name.endswith(_ROPE_ROWS)
+        if hf_name in codes:
+            quantized = codes[hf_name]
+            if permute:
+                heads = quantized.codes.shape[0] // head_dim
+                quantized = BlockCodes(
+                    quantized.grid,
+                    interleave_rope_rows(quantized.codes, heads),
+                    interleave_rope_rows(quantized.scales, heads),
+                )
+            writer.add_tensor(gguf_name, pack(quantized), raw_dtype=GGML_TYPES[quantized.grid])
+            names[hf_name] = gguf_name
+            continue
         data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
-        if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+        if permute:
             # Per head: the heads of this very layer (structured pruning may leave layers with different counts).
             data = interleave_rope_rows(data, data.shape[0] // head_dim)
         # llama.cpp keeps norms and biases in F32 whatever the file type.

@@ -14,8 +14,10 @@ import llama_cpp
 from srcr.base.child import run_in_child
 from srcr.base.errors import SrcrError
 from srcr.base.files import temp_name
+from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.targets.base import DEFAULT_BITS, ExportResult, Imatrix, QuantSpec
+from srcr.targets.gguf.blocks import GGML_TYPES
 from srcr.targets.gguf.convert import architecture_spec, convert_to_gguf, rope_parameters
 from srcr.targets.gguf.llama_log import check_vocab_loads
 from srcr.targets.gguf.quantize import (
@@ -31,9 +33,14 @@ from srcr.targets.gguf.runtime import LlamaCppRuntime, gpu_layers_for
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-# Options resolve_quant accepts; `pure` turns off llama.cpp's per-tensor K-quant mix.
-_OPTIONS = ("pure",)
+# Options resolve_quant accepts; `pure` turns off llama.cpp's per-tensor K-quant mix, `quantizer` picks
+# who rounds the decoder's weight matrices: llama.cpp (default) or srcr's GPTQ.
+_OPTIONS = ("pure", "quantizer")
 UNQUANTIZED = ("F32", "F16")
+QUANTIZERS = ("llama.cpp", "gptq")
+# --bits -> the type srcr's GPTQ writes: the legacy block types, whose 32-weight blocks fit any row of a
+# multiple of 32 (K-quants' 256-weight super-blocks are not written yet).
+GPTQ_BITS_TO_TYPE = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}
 
 
 class GGUFTarget:
@@ -45,7 +52,12 @@ class GGUFTarget:
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             flags = ", ".join(f"--{key.replace('_', '-')}" for key in unknown)
-            raise SrcrError(f"{flags} do not apply to --format gguf (its options: --pure); drop them")
+            raise SrcrError(f"{flags} do not apply to --format gguf (its options: --pure, --quantizer); drop them")
+        quantizer = str(options.get("quantizer", "llama.cpp"))
+        if quantizer not in QUANTIZERS:
+            raise SrcrError(f"unknown --quantizer {quantizer!r} for GGUF; choose {' or '.join(QUANTIZERS)}")
+        if quantizer == "gptq":
+            return _resolve_gptq(bits, quant_type, options)
         if quant_type is not None:
             name = canonical_quant_type(quant_type)
             if bits is not None and bits != nominal_bits(name):
@@ -82,8 +94,14 @@ class GGUFTarget:
         imatrix: Imatrix | None = None,
         hints: Mapping[str, object] | None = None,
         progress: ProgressFn = no_progress,
+        codes: Mapping[str, BlockCodes] | None = None,
     ) -> ExportResult:
         out = Path(out)
+        codes = dict(codes or {})
+        if spec.grid is not None and not codes:
+            raise SrcrError(f"{spec.quant_type} with --quantizer gptq needs the calibration pass's codes; none came")
+        if codes and any(matrix.grid != spec.quant_type for matrix in codes.values()):
+            raise SrcrError(f"the GPTQ codes are not on the {spec.quant_type} grid this export writes")
         unquantized = spec.quant_type in UNQUANTIZED
         steps = 2 if unquantized else 3
         progress("convert to GGUF", 0, steps)
@@ -93,11 +111,12 @@ class GGUFTarget:
             convert_to_gguf(model, tokenizer, out, spec.quant_type, hints)
             _check_loads(out)
             gguf_imatrix: dict = {}
+            names: dict[str, str] = {}
         else:
             # The full-precision intermediate lies beside the artifact under a temporary name of its own.
             full_precision = out.parent / temp_name(f"{out.name}.f32")
             try:
-                names = convert_to_gguf(model, tokenizer, full_precision, "F32", hints)
+                names = convert_to_gguf(model, tokenizer, full_precision, "F32", hints, codes)
                 _check_loads(full_precision)
                 gguf_imatrix = imatrix_by_gguf_name(imatrix or {}, names)
                 stage_seconds["convert"] = time.perf_counter() - started
@@ -117,6 +136,7 @@ class GGUFTarget:
             finally:
                 full_precision.unlink(missing_ok=True)
         progress("measure", steps - 1, steps)
+        written = check_written_as_solved(out, {names[name] for name in codes}) if codes else {}
         mix = tensor_type_mix(out)
         stage_seconds["convert" if unquantized else "quantize"] = time.perf_counter() - started
         result = ExportResult(
@@ -129,6 +149,10 @@ class GGUFTarget:
                 "imatrix": bool(gguf_imatrix),
                 "imatrix_entries": len(gguf_imatrix),
                 "pure": bool(spec.options.get("pure", False)),
+                "quantizer": "gptq" if codes else "llama.cpp",
+                # With GPTQ: the weight matrices llama.cpp still quantized itself (embeddings, output head).
+                "llama_cpp_tensors": written,
+                "gptq_tensors": len(codes),
             },
             format_info={
                 "gguf_version": gguf.GGUF_VERSION,
@@ -142,6 +166,43 @@ class GGUFTarget:
 
     def open_runtime(self, artifact: Path, device: str = "auto") -> LlamaCppRuntime:
         return LlamaCppRuntime(Path(artifact), n_gpu_layers=gpu_layers_for(device))
+
+
+def check_written_as_solved(path: Path, solved: set[str]) -> dict[str, str]:
+    """Confirm llama.cpp copied every GPTQ tensor unchanged (it copies a tensor already of the target type);
+    return {name: type} of the weight matrices it quantized itself."""
+    reader = gguf.GGUFReader(path)
+    found = {tensor.name: tensor for tensor in reader.tensors}
+    changed = sorted(name for name in solved if name not in found or found[name].tensor_type.name not in GGML_TYPES)
+    if changed:
+        raise SrcrError(
+            f"llama.cpp re-quantized {len(changed)} GPTQ tensors (e.g. {changed[0]}); use --quantizer llama.cpp "
+            "for this type"
+        )
+    return {
+        tensor.name: tensor.tensor_type.name
+        for tensor in reader.tensors
+        if len(tensor.shape) >= 2 and tensor.name not in solved
+    }
+
+
+def _resolve_gptq(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
+    writable = ", ".join(GPTQ_BITS_TO_TYPE.values())
+    if quant_type is not None:
+        name = canonical_quant_type(quant_type)
+        if name not in GGML_TYPES:
+            raise SrcrError(f"--quantizer gptq writes {writable}, not {name}; pick one or use --quantizer llama.cpp")
+        if bits is not None and bits != nominal_bits(name):
+            raise SrcrError(f"--bits {bits} contradicts --quant-type {name} ({nominal_bits(name)}-bit); pass only one")
+    else:
+        bits = DEFAULT_BITS if bits is None else bits
+        if bits not in GPTQ_BITS_TO_TYPE:
+            raise SrcrError(
+                f"--quantizer gptq writes {writable} (--bits {', '.join(map(str, GPTQ_BITS_TO_TYPE))}), not "
+                f"{bits}-bit; use --quantizer llama.cpp for other widths"
+            )
+        name = GPTQ_BITS_TO_TYPE[bits]
+    return QuantSpec(format="gguf", bits=nominal_bits(name), quant_type=name, options=dict(options), grid=name)
 
 
 def imatrix_by_gguf_name(imatrix: Imatrix, names: Mapping[str, str]) -> dict:

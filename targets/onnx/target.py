@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from srcr.base.errors import SrcrError
 from srcr.base.files import temporary_folder
+from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.targets.base import ExportResult, Imatrix, QuantSpec
 from srcr.targets.onnx import spec as specs
@@ -57,9 +58,13 @@ class ONNXTarget:
         imatrix: Imatrix | None = None,
         hints: Mapping[str, object] | None = None,
         progress: ProgressFn = no_progress,
+        codes: Mapping[str, BlockCodes] | None = None,
     ) -> ExportResult:
         """Trace, quantize and write `out` (one .onnx file; `<name>.data` beside it only past 2 GB)."""
         from srcr.targets.onnx import artifact
+
+        if codes:
+            raise SrcrError("the ONNX target does not write GPTQ codes yet; drop --quantizer gptq")
 
         require_onnx()
         ort = require_onnxruntime()
