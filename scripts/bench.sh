@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the benchmarks of docs/performance.md; each prints a table and writes JSON to bench-results/.
 #   ./scripts/bench.sh                       # solver, export, eval, memory, cpu (about an hour on 2 CPU cores)
-#   ./scripts/bench.sh solver eval           # just those
+#   ./scripts/bench.sh solver eval           # just those; also gptq, and speed (SPEED_ARTIFACTS="a.gguf b.gguf")
 # The solver bench runs at full Llama-3.1-8B shapes when CUDA is present, at 1/8 scale on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,13 @@ for bench in "${benches[@]}"; do
             --json "$results/eval_throughput.json" ;;
         memory) "$python" bench/bench_prune_memory.py --json "$results/prune_memory.json" ;;
         cpu) "$python" bench/bench_cpu_buffers.py --json "$results/cpu_buffers.json" ;;
-        *) echo "unknown bench '$bench': choose from solver export eval memory cpu" >&2; exit 2 ;;
+        # srcr's GPTQ vs llama.cpp on a briefly trained (never quantized) Llama, and the joint pass's cost.
+        gptq) "$python" bench/bench_gptq.py --json "$results/gptq_quality.json"
+            "$python" bench/bench_gptq.py --cost --json "$results/gptq_cost.json" ;;
+        # Runtime speed of artifacts against the first: pass the files, e.g. SPEED_ARTIFACTS="dense.gguf pruned.gguf".
+        speed) # shellcheck disable=SC2086
+            "$python" bench/bench_runtime_speed.py ${SPEED_ARTIFACTS:?set SPEED_ARTIFACTS to the files to time} \
+            --json "$results/runtime_speed.json" ;;
+        *) echo "unknown bench '$bench': choose from solver export eval memory cpu gptq speed" >&2; exit 2 ;;
     esac
 done

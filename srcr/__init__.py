@@ -8,7 +8,7 @@ The package has four layers, each importing only the ones below it (docs/archite
 
 from pathlib import Path
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Installed, setuptools maps srcr.exporter, srcr.targets and srcr.evaluators to the repository's
 # folders of those names. Run from a source checkout without installing (the GPU check copies the

@@ -86,11 +86,13 @@ def quant_type_name(bits: int, scheme: str, algo: str | None, block_size: int | 
 
 def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
     quantizer = options.get("quantizer")
-    if quantizer not in (None, "ort"):
+    if quantizer == "gptq":
         raise SrcrError(
-            f"--quantizer {quantizer} does not write ONNX yet (srcr's GPTQ writes GGUF Q4_0/Q5_0/Q8_0); "
+            "--quantizer gptq does not write ONNX yet (srcr's GPTQ writes GGUF Q4_0/Q5_0/Q8_0); "
             "drop it to use ONNX Runtime's quantizers (--quant-algo)"
         )
+    if quantizer not in (None, "ort"):
+        raise SrcrError(f"unknown --quantizer {quantizer!r} for ONNX; choose ort (the default)")
     options = {key: value for key, value in options.items() if key != "quantizer"}
     unknown = sorted(key for key, value in options.items() if key not in OPTIONS and value is not None)
     if unknown:

@@ -1,0 +1,185 @@
+"""srcr's GPTQ against llama.cpp's quantizer (with srcr's imatrix) on the same GGUF types, on weights that
+were never quantized, and what the joint SparseGPT + GPTQ pass costs against SparseGPT alone.
+
+SmolLM2's embedded weights were dequantized from a Q4_1 file (blocks of 32), which flatters every 4-bit
+grid of block 32. This benchmark therefore trains a small Llama briefly from scratch on Lee background
+(SmolLM2's tokenizer; float weights that no quantizer has touched) and sweeps it:
+{llama.cpp, gptq} × {Q4_0, Q5_0, Q8_0} × sparsity {0, 0.5}, each file run by llama.cpp against the
+trained model's own reference pack (mean KL, perplexity on lee.cor). Relative figures only: a 30M model
+trained for minutes is not a language model anyone deploys.
+
+    python bench/bench_gptq.py [--steps 400] [--out /tmp/bench-gptq] [--json out.json]
+    python bench/bench_gptq.py --cost        # SmolLM2: calibration pass, SparseGPT 50% vs joint with Q4_0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from srcr.exporter.calibration import calibration_text, load_calibration  # noqa: E402
+from srcr.exporter.models import ensure_default_checkpoint  # noqa: E402
+from srcr.exporter.pipeline import EvalOptions  # noqa: E402
+from srcr.exporter.pruning import PruneSpec, prune_model  # noqa: E402
+from srcr.exporter.sweep import SweepOptions, run_sweep  # noqa: E402
+
+console = Console(stderr=True)
+
+
+def train_small_llama(folder: Path, steps: int, seed: int = 0) -> None:
+    """A 4-layer Llama (hidden 256, FFN 768: every row a multiple of 32) trained on Lee background."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_default_checkpoint())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    ids = tokenizer(calibration_text(None, None).text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    length, batch = 128, 8
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        starts = torch.randint(0, ids.numel() - length - 1, (batch,), generator=generator)
+        tokens = torch.stack([ids[start : start + length] for start in starts])
+        loss = model(tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            console.print(f"train step {step + 1}/{steps}: loss {loss.item():.3f}")
+    model.eval().save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def quality(args: argparse.Namespace) -> list[dict]:
+    model_dir = args.out / "model"
+    if not (model_dir / "config.json").is_file():
+        train_small_llama(model_dir, args.steps)
+    options = SweepOptions(
+        model=str(model_dir),
+        sparsities=[0.0, 0.5],
+        bits=[],
+        quant_types=["Q4_0", "Q5_0", "Q8_0"],
+        quantizers=["llama.cpp", "gptq"],
+        calib_samples=32,
+        seq_len=512,
+        out=args.out / "sweep",
+        evaluation=EvalOptions(windows=8, builtin_prompts=True),
+    )
+    rows = []
+    for manifest in run_sweep(options, lambda what, done, total: None):
+        evaluation = manifest.evaluation
+        rows.append(
+            {
+                "name": manifest.name,
+                "quantizer": manifest.quantization.quantizer,
+                "type": manifest.quantization.type,
+                "sparsity": manifest.pruning.sparsity,
+                "mb": manifest.artifact.bytes / 1e6,
+                "kl": evaluation.kld.mean,
+                "perplexity": evaluation.perplexity.compressed,
+                "base_perplexity": evaluation.perplexity.base,
+                "calibrate_s": manifest.timings_s.get("calibrate_prune"),
+            }
+        )
+    table = Table(
+        title=f"trained 4-layer Llama: llama.cpp (imatrix) vs srcr's GPTQ (base ppl {rows[0]['base_perplexity']:.2f})"
+    )
+    for header in ("sparsity", "type", "MB", "KL llama.cpp", "KL gptq", "ratio", "ppl llama.cpp", "ppl gptq"):
+        table.add_column(header, justify="right")
+    by_key = {(row["sparsity"], row["type"], row["quantizer"]): row for row in rows}
+    for sparsity in (0.0, 0.5):
+        for name in ("Q4_0", "Q5_0", "Q8_0"):
+            native, ours = by_key[(sparsity, name, "llama.cpp")], by_key[(sparsity, name, "gptq")]
+            table.add_row(
+                f"{sparsity:.2f}",
+                name,
+                f"{ours['mb']:.1f}",
+                f"{native['kl']:.4f}",
+                f"{ours['kl']:.4f}",
+                f"{ours['kl'] / native['kl']:.2f}",
+                f"{native['perplexity']:.2f}",
+                f"{ours['perplexity']:.2f}",
+            )
+    Console().print(table)
+    return rows
+
+
+def cost(args: argparse.Namespace) -> list[dict]:
+    """Whole calibration passes on SmolLM2 (8 × 512 tokens), the same model copy each time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = ensure_default_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    dense = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids = load_calibration(tokenizer, calibration_text(None, None), 8, 512, seed=0).input_ids
+    rows = []
+    for repeat in range(args.repeats):
+        for label, spec in (
+            ("sparsegpt 50%", PruneSpec("sparsegpt", 0.5)),
+            ("sparsegpt 50% + gptq Q4_0", PruneSpec("sparsegpt", 0.5, grid="Q4_0")),
+            ("gptq Q4_0", PruneSpec("sparsegpt", 0.0, grid="Q4_0")),
+            ("statistics only (imatrix)", PruneSpec("sparsegpt", 0.0)),
+        ):
+            model = copy.deepcopy(dense)
+            start = time.perf_counter()
+            prune_model(model, ids, spec)
+            seconds = time.perf_counter() - start
+            console.print(f"pass {repeat + 1}: {label}: {seconds:.1f} s")
+            rows.append({"setting": label, "seconds": seconds, "repeat": repeat})
+    table = Table(title="SmolLM2 calibration pass, 8 × 512 tokens (median)")
+    table.add_column("setting")
+    table.add_column("s", justify="right")
+    table.add_column("× sparsegpt 50%", justify="right")
+    medians = {}
+    for label in dict.fromkeys(row["setting"] for row in rows):
+        values = sorted(row["seconds"] for row in rows if row["setting"] == label)
+        medians[label] = values[len(values) // 2]
+    for label, seconds in medians.items():
+        table.add_row(label, f"{seconds:.1f}", f"{seconds / medians['sparsegpt 50%']:.2f}")
+    Console().print(table)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-gptq"))
+    parser.add_argument("--cost", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = cost(args) if args.cost else quality(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
