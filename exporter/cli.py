@@ -42,7 +42,7 @@ QUANTIZER_HELP = (
     "Who rounds the decoder's weight matrices: the format's own quantizer (default: llama.cpp for GGUF, "
     "ONNX Runtime for ONNX) or gptq: srcr's GPTQ onto the format's exact grid, in the same calibration sweep "
     "as pruning (joint SparseGPT + GPTQ when pruning), written into the file without re-quantizing "
-    "(GGUF Q4_0, Q5_0, Q8_0: --bits 4, 5, 8)."
+    "(GGUF Q4_0, Q5_0, Q8_0: --bits 4, 5, 8; Q4_1, Q5_1 by --quant-type)."
 )
 DEVICE_HELP = (
     "Where PyTorch runs the dense reference and pruning: auto (CUDA when available), cpu or cuda. "

@@ -2,7 +2,8 @@
 
 One sweep over the columns, as the IST-DASLab SparseGPT reference does when given a quantizer: in each
 column block (`block_size` columns) the mask is chosen first (w^2 / [H^-1]_jj^2, as SparseGPT), then
-column by column every weight is either pruned (set to the grid's exact zero) or rounded onto the grid,
+column by column every weight is either pruned (set to the grid's zero: exact on the symmetric types, the code nearest
+0 on those with a minimum) or rounded onto the grid,
 and the error of both is spread onto the columns not yet visited through the upper Cholesky factor of
 H^-1. The grid's scale for each block of `grid.block` consecutive columns is fitted when the sweep
 reaches the block's first column, from the row's current (already compensated) kept weights, and
@@ -55,6 +56,7 @@ def quantize_columnwise(
     row_splits = row_splits or [rows]
     codes = torch.empty((rows, columns), dtype=torch.int16, device=weight.device)
     scales = torch.empty((rows, columns // grid.block), dtype=torch.float32, device=weight.device)
+    minimums = torch.empty_like(scales) if grid.with_minimum else None
     pruned = torch.zeros((rows, columns), dtype=torch.bool, device=weight.device)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
@@ -72,13 +74,18 @@ def quantize_columnwise(
                 scores = block[:, i : i + m].square() / diagonal[i : i + m].square()
                 mask.scatter_(1, i + torch.topk(scores, n, dim=1, largest=False).indices, True)
             column_index = i1 + i
+            group = column_index // grid.block
             if column_index % grid.block == 0:
-                kept = block[:, i : i + grid.block].masked_fill(mask[:, i : i + grid.block], 0)
-                scales[:, column_index // grid.block] = grid.fit(kept)
-            scale = scales[:, column_index // grid.block]
+                block_mask = mask[:, i : i + grid.block]
+                kept = block[:, i : i + grid.block].masked_fill(block_mask, 0)
+                scales[:, group], minimum = grid.fit(kept, include_zero=bool(block_mask.any()))
+                if minimums is not None:
+                    minimums[:, group] = minimum
+            scale = scales[:, group]
+            minimum = None if minimums is None else minimums[:, group]
             column = block[:, i]
-            code = grid.codes(column, scale).masked_fill_(mask[:, i], grid.zero)
-            value = grid.dequantize(code, scale)
+            code = torch.where(mask[:, i], grid.zero_codes(scale, minimum), grid.codes(column, scale, minimum))
+            value = grid.dequantize(code, scale, minimum)
             codes[:, column_index] = code
             error = (column - value) / hinv_block[i, i]
             block[:, i:] -= error.unsqueeze(1) @ hinv_block[i, i:].unsqueeze(0)
@@ -87,12 +94,14 @@ def quantize_columnwise(
         weight[:, i1:i2] = block
         pruned[:, i1:i2] = mask
         weight[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    return weight, BlockCodes(grid.name, codes, scales), pruned
+    return weight, BlockCodes(grid.name, codes, scales, minimums), pruned
 
 
 def round_to_nearest(weight: torch.Tensor, grid: BlockGrid) -> BlockCodes:
     """The same grid without error compensation: each block's scale from its own weights, nearest codes."""
     rows, columns = weight.shape
     blocks = weight.reshape(rows, columns // grid.block, grid.block)
-    scales = grid.fit(blocks.reshape(-1, grid.block)).reshape(rows, -1)
-    return BlockCodes(grid.name, grid.codes(blocks, scales).reshape(rows, columns), scales)
+    scales, minimums = grid.fit(blocks.reshape(-1, grid.block))
+    scales = scales.reshape(rows, -1)
+    minimums = None if minimums is None else minimums.reshape(rows, -1)
+    return BlockCodes(grid.name, grid.codes(blocks, scales, minimums).reshape(rows, columns), scales, minimums)

@@ -234,11 +234,7 @@ def _add_weights(
             quantized = codes[hf_name]
             if permute:
                 heads = quantized.codes.shape[0] // head_dim
-                quantized = BlockCodes(
-                    quantized.grid,
-                    interleave_rope_rows(quantized.codes, heads),
-                    interleave_rope_rows(quantized.scales, heads),
-                )
+                quantized = quantized.map_rows(lambda rows, heads=heads: interleave_rope_rows(rows, heads))
             writer.add_tensor(gguf_name, pack(quantized), raw_dtype=GGML_TYPES[quantized.grid])
             names[hf_name] = gguf_name
             continue

@@ -187,7 +187,7 @@ def check_written_as_solved(path: Path, solved: set[str]) -> dict[str, str]:
 
 
 def _resolve_gptq(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
-    writable = ", ".join(GPTQ_BITS_TO_TYPE.values())
+    writable = ", ".join(GGML_TYPES)
     if quant_type is not None:
         name = canonical_quant_type(quant_type)
         if name not in GGML_TYPES:

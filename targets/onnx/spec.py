@@ -88,7 +88,7 @@ def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, obje
     quantizer = options.get("quantizer")
     if quantizer == "gptq":
         raise SrcrError(
-            "--quantizer gptq does not write ONNX yet (srcr's GPTQ writes GGUF Q4_0/Q5_0/Q8_0); "
+            "--quantizer gptq does not write ONNX yet (srcr's GPTQ writes GGUF legacy block types); "
             "drop it to use ONNX Runtime's quantizers (--quant-algo)"
         )
     if quantizer not in (None, "ort"):
