@@ -118,7 +118,10 @@ class GGUFTarget:
             try:
                 names = convert_to_gguf(model, tokenizer, full_precision, "F32", hints, codes)
                 _check_loads(full_precision)
-                gguf_imatrix = imatrix_by_gguf_name(imatrix or {}, names)
+                # With GPTQ codes the importance matrix is left out: it covers only the decoder's matrices,
+                # which are quantized already, and its presence makes llama.cpp choose other types for
+                # some of them (ffn_down of Q4_0), which it would then refuse to re-quantize.
+                gguf_imatrix = {} if codes else imatrix_by_gguf_name(imatrix or {}, names)
                 stage_seconds["convert"] = time.perf_counter() - started
                 started = time.perf_counter()
                 progress(f"quantize to {spec.quant_type}", 1, steps)
