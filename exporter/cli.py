@@ -541,9 +541,8 @@ def sweep(
     quantizer: Annotated[
         str,
         typer.Option(
-            help="Quantizers to try, comma-separated (e.g. llama.cpp,gptq); default: the format's own. "
-            + QUANTIZER_HELP.split(": ", 1)[0]
-            + "."
+            help="Quantizers to try, comma-separated (e.g. llama.cpp,gptq; default: the format's own). "
+            "gptq is srcr's GPTQ on the format's exact grid, see srcr export --help."
         ),
     ] = "",
     fmt: Annotated[str, typer.Option("--format", help="Deployment format: gguf or onnx.")] = "gguf",

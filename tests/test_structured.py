@@ -238,6 +238,15 @@ def pruned_tiny(tokenizer, spec: StructureSpec):
     return model, report
 
 
+def scored_and_generated(runtime, tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The runtime's log-probabilities of `tokens` [1, n] and 8 greedy tokens after the first 10; closes it."""
+    try:
+        served = torch.from_numpy(runtime.logprobs(tokens[0].tolist()).astype(np.float64))
+        return served, runtime.generate(tokens[0, :10].tolist(), 8)
+    finally:
+        runtime.close()
+
+
 SPECS = [
     StructureSpec(ffn_ratio=0.5, head_ratio=0.5, width_method="flap", multiple=32),  # with biases
     StructureSpec(ffn_ratio=0.25, width_method="wanda-sp", multiple=32),
@@ -255,12 +264,7 @@ def test_gguf_of_a_structured_model_matches_pytorch_and_generates(tokenizer, tmp
     path = tmp_path / "pruned.gguf"
     convert_to_gguf(model, tokenizer, path, "F16")
     tokens = torch.randint(3, len(tokenizer), (1, 200), generator=torch.Generator().manual_seed(2))
-    runtime = LlamaCppRuntime(path, n_ctx=256)
-    try:
-        served = torch.from_numpy(runtime.logprobs(tokens[0].tolist()).astype(np.float64))
-        generated = runtime.generate(tokens[0, :10].tolist(), 8)
-    finally:
-        runtime.close()
+    served, generated = scored_and_generated(LlamaCppRuntime(path, n_ctx=256), tokens)
     assert kl(log_probs(model, tokens)[0], served) < 1e-3
     assert len(generated) > 0
 
@@ -276,12 +280,8 @@ def test_onnx_of_a_structured_model_matches_pytorch(tokenizer, tmp_path, spec):
     out = tmp_path / "pruned.onnx"
     target.export(model, tokenizer, target.resolve_quant(32, None, {}), out)
     tokens = torch.randint(3, len(tokenizer), (1, 100), generator=torch.Generator().manual_seed(2))
-    runtime = OrtRuntime(out, device="cpu")
-    try:
-        served = torch.from_numpy(runtime.logprobs(tokens[0].tolist()).astype(np.float64))
-        assert len(runtime.generate(tokens[0, :10].tolist(), 8)) > 0
-    finally:
-        runtime.close()
+    served, generated = scored_and_generated(OrtRuntime(out, device="cpu"), tokens)
+    assert len(generated) > 0
     assert kl(log_probs(model, tokens)[0], served) < 1e-4
 
 
@@ -311,12 +311,8 @@ def test_layers_of_different_widths_become_a_deci_gguf_that_matches_pytorch(toke
     assert reader.get_field("deci.feed_forward_length").contents() == [256, 128, 64]
     assert reader.get_field("deci.attention.head_count_kv").contents() == [4, 2, 1]
     tokens = torch.randint(3, len(tokenizer), (1, 200), generator=torch.Generator().manual_seed(2))
-    runtime = LlamaCppRuntime(path, n_ctx=256)
-    try:
-        served = torch.from_numpy(runtime.logprobs(tokens[0].tolist()).astype(np.float64))
-        assert len(runtime.generate(tokens[0, :10].tolist(), 8)) > 0
-    finally:
-        runtime.close()
+    served, generated = scored_and_generated(LlamaCppRuntime(path, n_ctx=256), tokens)
+    assert len(generated) > 0
     assert kl(log_probs(model, tokens)[0], served) < 1e-3
 
 
@@ -331,12 +327,9 @@ def test_layers_of_different_widths_export_to_onnx_with_per_layer_caches(tokeniz
     target.export(model, tokenizer, target.resolve_quant(32, None, {}), out)
     tokens = torch.randint(3, len(tokenizer), (1, 100), generator=torch.Generator().manual_seed(2))
     runtime = OrtRuntime(out, device="cpu")
-    try:
-        assert runtime.facts.kv_heads == [4, 2, 1]
-        served = torch.from_numpy(runtime.logprobs(tokens[0].tolist()).astype(np.float64))
-        generated = runtime.generate(tokens[0, :10].tolist(), 8)
-    finally:
-        runtime.close()
+    kv_heads = runtime.facts.kv_heads
+    served, generated = scored_and_generated(runtime, tokens)
+    assert kv_heads == [4, 2, 1]
     assert kl(log_probs(model, tokens)[0], served) < 1e-4
     reference = model.generate(tokens[:, :10], max_new_tokens=8, do_sample=False)[0, 10:].tolist()
     assert generated == reference[: len(generated)]

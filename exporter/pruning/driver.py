@@ -53,7 +53,7 @@ def prune_model(
     check_prunable(model.config, spec, calib_ids.shape[1])
     pruning = spec.solves
     # GPTQ needs SparseGPT's Hessian even when nothing is pruned.
-    method = (method_class("sparsegpt") if spec.grid is not None else method_class(spec.method)) if pruning else None
+    method = method_class("sparsegpt" if spec.grid is not None else spec.method) if pruning else None
     if method is not None and method.grouping != SHARED_INPUT:
         raise NotImplementedError(f"grouping {method.grouping!r} of method {spec.method!r}")
     layer_names = _module_names(model, layers)
@@ -73,16 +73,16 @@ def prune_model(
             for group in calibrate_layer(layer, inputs, layer_kwargs, spec, method, outputs):
                 if group.method is not None:
                     group.method.prune()
-                for (name, linear), rows in zip(group.linears.items(), _row_ranges(group.linears), strict=True):
+                for name, linear in group.linears.items():
                     full_name = f"{layer_names[index]}.{name}"
                     imatrix[f"{full_name}.weight"] = group.statistics.mean_square.cpu().numpy()
-                    quantized = getattr(group.method, "codes", None)
-                    if quantized is None:
-                        per_layer.append(_sparsity_row(index, full_name, linear.weight))
-                        continue
-                    # On a grid, weights that merely round to zero are not pruned: count the mask.
-                    codes[f"{full_name}.weight"] = quantized.rows(*rows)
-                    per_layer.append(_sparsity_row(index, full_name, group.method.pruned_mask[rows[0] : rows[1]]))
+                    if group.method is not None and name in group.method.codes:
+                        codes[f"{full_name}.weight"] = group.method.codes[name]
+                        # On a grid, weights that merely round to zero are not pruned: count the mask.
+                        pruned = group.method.pruned[name]
+                    else:
+                        pruned = linear.weight == 0
+                    per_layer.append(_sparsity_row(index, full_name, pruned))
             inputs = run_layer(layer, inputs, layer_kwargs) if outputs is None else outputs
             layer.to(home)
             progress(f"calibrate+prune layer {index + 1}/{len(layers)}", index + 1, len(layers))
@@ -280,19 +280,8 @@ def _input_dims(config: PretrainedConfig) -> dict[str, int]:
         return {}
 
 
-def _sparsity_row(layer: int, name: str, zeros: torch.Tensor) -> LayerSparsity:
-    """`zeros`: the weight (its zeros count) or a pruning mask (its True entries count)."""
-    count = int(zeros.sum()) if zeros.dtype == torch.bool else int((zeros == 0).sum())
-    return LayerSparsity(layer=layer, name=name, sparsity=count / zeros.numel(), numel=zeros.numel())
-
-
-def _row_ranges(linears: dict[str, nn.Linear]) -> list[tuple[int, int]]:
-    """Each linear's rows in the group's stacked weight."""
-    ranges, start = [], 0
-    for linear in linears.values():
-        ranges.append((start, start + linear.out_features))
-        start += linear.out_features
-    return ranges
+def _sparsity_row(layer: int, name: str, pruned: torch.Tensor) -> LayerSparsity:
+    return LayerSparsity(layer=layer, name=name, sparsity=int(pruned.sum()) / pruned.numel(), numel=pruned.numel())
 
 
 def _module_names(model: nn.Module, layers: nn.ModuleList) -> list[str]:

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from srcr.base.grids import BlockCodes
 from srcr.exporter.pruning.spec import PruneSpec
 from srcr.exporter.pruning.stats import InputStatistics
 
@@ -34,6 +35,10 @@ class PruningMethod(ABC):
         self.linears = linears
         self.spec = spec
         self.statistics = statistics  # the group's mean squared input, kept up to date by the driver
+        # Filled by `prune` when it rounds onto a format's grid (spec.grid), per linear name: the codes to
+        # write, and which weights were pruned (a weight can also round to zero without being pruned).
+        self.codes: dict[str, BlockCodes] = {}
+        self.pruned: dict[str, torch.Tensor] = {}
 
     @classmethod
     def check(cls, spec: PruneSpec) -> None:
@@ -54,6 +59,14 @@ class PruningMethod(ABC):
 
     def row_splits(self) -> list[int]:
         return [linear.out_features for linear in self.linears.values()]
+
+    def row_ranges(self) -> dict[str, tuple[int, int]]:
+        """Each linear's rows (start, stop) in the stacked weight."""
+        ranges, start = {}, 0
+        for name, rows in zip(self.linears, self.row_splits(), strict=True):
+            ranges[name] = (start, start + rows)
+            start += rows
+        return ranges
 
     def write_stacked(self, weight: torch.Tensor) -> None:
         for linear, rows in zip(self.linears.values(), torch.split(weight, self.row_splits(), dim=0), strict=True):

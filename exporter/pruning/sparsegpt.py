@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 
 from srcr.base.errors import SrcrError
-from srcr.base.grids import BlockCodes, grid
+from srcr.base.grids import grid
 from srcr.exporter.pruning.gptq import quantize_columnwise
 from srcr.exporter.pruning.masks import segment_lowest_k_mask
 from srcr.exporter.pruning.method import PruningMethod
@@ -47,8 +47,6 @@ class SparseGPT(PruningMethod):
         """`leaf`: (width, "columns" | "triangular") for prune_lazy; None picks by device."""
         super().__init__(linears, spec, statistics)
         self.leaf = leaf
-        self.codes: BlockCodes | None = None  # set by prune() when spec.grid asks for GPTQ
-        self.pruned_mask: torch.Tensor | None = None
         self.tokens = 0
         self.hessian: torch.Tensor | None = torch.zeros(
             (statistics.columns, statistics.columns), dtype=torch.float32, device=statistics.mean_square.device
@@ -77,7 +75,7 @@ class SparseGPT(PruningMethod):
         weight[:, dead] = 0
         if self.spec.grid is not None:
             # Joint SparseGPT + GPTQ: one column sweep prunes and rounds onto the format's grid.
-            values, self.codes, self.pruned_mask = quantize_columnwise(
+            values, codes, pruned = quantize_columnwise(
                 weight,
                 hinv,
                 grid(self.spec.grid),
@@ -87,6 +85,9 @@ class SparseGPT(PruningMethod):
                 row_splits=self.row_splits(),
             )
             self.write_stacked(values)
+            for name, (start, stop) in self.row_ranges().items():
+                self.codes[name] = codes.rows(start, stop)
+                self.pruned[name] = pruned[start:stop]
             return
         leaf, leaf_solve = self.leaf or leaf_settings(weight.device, self.spec.pattern)
         pruned = prune_lazy(

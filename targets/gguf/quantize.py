@@ -129,9 +129,10 @@ class _ImatrixEntries:
             entry.size = values.size
 
 
-def tensor_type_mix(path: Path) -> dict[str, Any]:
-    """Tensor types of the weight matrices in a GGUF, and their storage in bits per weight."""
-    reader = gguf.GGUFReader(path)
+def tensor_type_mix(source: Path | gguf.GGUFReader) -> dict[str, Any]:
+    """Tensor types of the weight matrices in a GGUF (a path, or a reader already open on it), and their
+    storage in bits per weight."""
+    reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
     weights = [tensor for tensor in reader.tensors if len(tensor.shape) >= 2]
     types = Counter(tensor.tensor_type.name for tensor in weights)
     n_weights = sum(int(tensor.n_elements) for tensor in weights)

@@ -139,8 +139,9 @@ class GGUFTarget:
             finally:
                 full_precision.unlink(missing_ok=True)
         progress("measure", steps - 1, steps)
-        written = check_written_as_solved(out, {names[name] for name in codes}) if codes else {}
-        mix = tensor_type_mix(out)
+        reader = gguf.GGUFReader(out)  # parsing the header takes seconds on a real vocabulary: once
+        written = check_written_as_solved(reader, {names[name] for name in codes}) if codes else {}
+        mix = tensor_type_mix(reader)
         stage_seconds["convert" if unquantized else "quantize"] = time.perf_counter() - started
         result = ExportResult(
             artifact=out,
@@ -171,10 +172,9 @@ class GGUFTarget:
         return LlamaCppRuntime(Path(artifact), n_gpu_layers=gpu_layers_for(device))
 
 
-def check_written_as_solved(path: Path, solved: set[str]) -> dict[str, str]:
+def check_written_as_solved(reader: gguf.GGUFReader, solved: set[str]) -> dict[str, str]:
     """Confirm llama.cpp copied every GPTQ tensor unchanged (it copies a tensor already of the target type);
     return {name: type} of the weight matrices it quantized itself."""
-    reader = gguf.GGUFReader(path)
     found = {tensor.name: tensor for tensor in reader.tensors}
     changed = sorted(name for name in solved if name not in found or found[name].tensor_type.name not in GGML_TYPES)
     if changed:
