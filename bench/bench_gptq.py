@@ -3,9 +3,11 @@ were never quantized, and what the joint SparseGPT + GPTQ pass costs against Spa
 
 SmolLM2's embedded weights were dequantized from a Q4_1 file (blocks of 32), which flatters every 4-bit
 grid of block 32. This benchmark therefore trains a small Llama briefly from scratch on Lee background
-(SmolLM2's tokenizer; float weights that no quantizer has touched) and sweeps it:
-{llama.cpp, gptq} × {Q4_0, Q5_0, Q8_0} × sparsity {0, 0.5}, each file run by llama.cpp against the
-trained model's own reference pack (mean KL, perplexity on lee.cor). Relative figures only: a 30M model
+(SmolLM2's tokenizer; float weights that no quantizer has touched) and sweeps it: the format's own
+quantizer vs srcr's GPTQ on GGUF Q4_0, Q5_0, Q8_0, the K-quants (llama.cpp's Q4_K_M/Q5_K_M mixes vs
+GPTQ's plain Q4_K/Q5_K, and Q6_K) and ONNX MatMulNBits 4- and 8-bit (ORT-side wls vs GPTQ), each at
+sparsity 0 and 0.5, each file run in its own runtime against the trained model's reference pack
+(mean KL, perplexity on lee.cor). Relative figures only: a 30M model
 trained for minutes is not a language model anyone deploys.
 
     python bench/bench_gptq.py [--steps 400] [--out /tmp/bench-gptq] [--json out.json]
@@ -78,50 +80,87 @@ def train_small_llama(folder: Path, steps: int, seed: int = 0) -> None:
     tokenizer.save_pretrained(folder)
 
 
+# (format, quantizer, types): one sweep each over sparsity {0, 0.5}. llama.cpp's K mixes are compared with
+# GPTQ's plain K type (Q4_K_M vs Q4_K: the mix spends more bytes, Q6_K on some attn_v/ffn_down).
+SWEEPS = (
+    ("gguf", "llama.cpp", ["Q4_0", "Q5_0", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"]),
+    ("gguf", "gptq", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]),
+    (
+        "onnx",
+        None,
+        [
+            "MatMulNBits-q4-wls-b32",
+            "MatMulNBits-q8-wls-b32",
+            "MatMulNBits-q4-gptq-b32",
+            "MatMulNBits-q4-gptq-b32-sym",
+            "MatMulNBits-q8-gptq-b32",
+        ],
+    ),
+)
+# (native type, GPTQ type) rows of the table.
+PAIRS = (
+    ("Q4_0", "Q4_0"),
+    ("Q5_0", "Q5_0"),
+    ("Q8_0", "Q8_0"),
+    ("Q4_K_M", "Q4_K"),
+    ("Q5_K_M", "Q5_K"),
+    ("Q6_K", "Q6_K"),
+    ("MatMulNBits-q4-wls-b32", "MatMulNBits-q4-gptq-b32"),
+    ("MatMulNBits-q4-wls-b32", "MatMulNBits-q4-gptq-b32-sym"),
+    ("MatMulNBits-q8-wls-b32", "MatMulNBits-q8-gptq-b32"),
+)
+
+
 def quality(args: argparse.Namespace) -> list[dict]:
     model_dir = args.out / "model"
     if not (model_dir / "config.json").is_file():
         train_small_llama(model_dir, args.steps)
-    options = SweepOptions(
-        model=str(model_dir),
-        sparsities=[0.0, 0.5],
-        bits=[],
-        quant_types=["Q4_0", "Q5_0", "Q8_0"],
-        quantizers=["llama.cpp", "gptq"],
-        calib_samples=32,
-        seq_len=512,
-        out=args.out / "sweep",
-        evaluation=EvalOptions(windows=8, builtin_prompts=True),
-    )
     rows = []
-    for manifest in run_sweep(options, lambda what, done, total: None):
-        evaluation = manifest.evaluation
-        rows.append(
-            {
-                "name": manifest.name,
-                "quantizer": manifest.quantization.quantizer,
-                "type": manifest.quantization.type,
-                "sparsity": manifest.pruning.sparsity,
-                "mb": manifest.artifact.bytes / 1e6,
-                "kl": evaluation.kld.mean,
-                "perplexity": evaluation.perplexity.compressed,
-                "base_perplexity": evaluation.perplexity.base,
-                "calibrate_s": manifest.timings_s.get("calibrate_prune"),
-            }
+    for format_name, quantizer, types in SWEEPS:
+        options = SweepOptions(
+            model=str(model_dir),
+            format=format_name,
+            sparsities=[0.0, 0.5],
+            bits=[],
+            quant_types=types,
+            quantizers=[quantizer],
+            calib_samples=32,
+            seq_len=512,
+            out=args.out / f"sweep-{format_name}-{quantizer or 'own'}",
+            evaluation=EvalOptions(windows=8, builtin_prompts=True),
         )
+        for manifest in run_sweep(options, lambda what, done, total: None):
+            evaluation = manifest.evaluation
+            rows.append(
+                {
+                    "name": manifest.name,
+                    "format": format_name,
+                    "quantizer": manifest.quantization.quantizer,
+                    "type": manifest.quantization.type,
+                    "sparsity": manifest.pruning.sparsity,
+                    "mb": manifest.artifact.bytes / 1e6,
+                    "kl": evaluation.kld.mean,
+                    "perplexity": evaluation.perplexity.compressed,
+                    "base_perplexity": evaluation.perplexity.base,
+                    "calibrate_s": manifest.timings_s.get("calibrate_prune"),
+                }
+            )
     table = Table(
-        title=f"trained 4-layer Llama: llama.cpp (imatrix) vs srcr's GPTQ (base ppl {rows[0]['base_perplexity']:.2f})"
+        title=f"trained 4-layer Llama: native quantizer vs srcr's GPTQ (base ppl {rows[0]['base_perplexity']:.2f})"
     )
-    for header in ("sparsity", "type", "MB", "KL llama.cpp", "KL gptq", "ratio", "ppl llama.cpp", "ppl gptq"):
+    headers = ("sparsity", "native", "gptq", "MB native", "MB gptq", "KL native", "KL gptq", "ratio", "ppl native")
+    for header in (*headers, "ppl gptq"):
         table.add_column(header, justify="right")
-    by_key = {(row["sparsity"], row["type"], row["quantizer"]): row for row in rows}
+    by_key = {(row["sparsity"], row["type"], row["quantizer"] == "gptq"): row for row in rows}
     for sparsity in (0.0, 0.5):
-        for name in ("Q4_0", "Q5_0", "Q8_0"):
-            native, ours = by_key[(sparsity, name, "llama.cpp")], by_key[(sparsity, name, "gptq")]
+        for native_type, gptq_type in PAIRS:
+            native, ours = by_key[(sparsity, native_type, False)], by_key[(sparsity, gptq_type, True)]
             table.add_row(
                 f"{sparsity:.2f}",
-                name,
-                f"{ours['mb']:.1f}",
+                native_type,
+                gptq_type,
+                f"{native['mb']:.2f}",
+                f"{ours['mb']:.2f}",
                 f"{native['kl']:.3g}",
                 f"{ours['kl']:.3g}",
                 f"{ours['kl'] / native['kl']:.2f}",

@@ -311,7 +311,7 @@ def test_three_bits_is_refused_with_one_line(target):
     ("bits", "options", "message"),
     [
         (4, {"quant_block_size": 48}, "power of two"),
-        (4, {"quant_algo": "gptq"}, "unknown --quant-algo"),
+        (4, {"quant_algo": "awq"}, "unknown --quant-algo"),
         (4, {"quant_algo": "wls", "symmetric": True}, "--symmetric needs --quant-algo rtn"),
         (4, {"quant_scheme": "dynamic"}, "with --bits 8"),
         (6, {}, "choose 2, 4 or 8"),

@@ -255,13 +255,15 @@ def check_prunable(config: PretrainedConfig, spec: PruneSpec, seq_len: int) -> N
             if columns % m:
                 raise SrcrError(f"{kind} has {columns} inputs, not a multiple of M={m}; pick an M that divides it")
     if spec.grid is not None:
-        block = grid(spec.grid).block
-        for kind, columns in _input_dims(config).items():
-            if columns % block:
-                raise SrcrError(
-                    f"{kind} has {columns} inputs, not a multiple of {spec.grid}'s {block}-weight blocks; "
-                    "use --quantizer llama.cpp for this model"
-                )
+        span = grid(spec.grid).span
+        misfits = {kind: columns for kind, columns in _input_dims(config).items() if columns % span}
+        if misfits:
+            kind, columns = next(iter(misfits.items()))
+            legacy = " a type of 32-weight blocks (Q4_0, Q5_0, Q8_0) or" if span > 32 and not columns % 32 else ""
+            raise SrcrError(
+                f"{kind} has {columns} inputs, not a multiple of {spec.grid}'s {span}-weight blocks; "
+                f"use{legacy} --quantizer llama.cpp for this model"
+            )
     # Layer 0's keyword arguments serve every layer; a sliding-window layer's mask only equals a
     # full-attention layer's when the samples fit in the window.
     kinds = set(getattr(config, "layer_types", None) or [])

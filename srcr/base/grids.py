@@ -1,18 +1,29 @@
-"""Block quantization grids that a deployment format stores exactly: codes and one fp16 scale per block.
+"""Block quantization grids that a deployment format stores exactly: integer codes and per-block scales.
 
 A grid says which values a block of `block` consecutive input weights of a row can take after
-quantization: `scale * (code - zero)` with integer codes in [lowest, highest] and the scale as the
-format stores it (fp16); or, for the types with a minimum (`_1`), `scale * code + minimum`. srcr's own
-quantizer (GPTQ) rounds onto these grids, and the targets write the codes and scales without
-quantizing again, so the file dequantizes to exactly the solver's matrix.
+quantization, as the format decodes them in fp32:
+  symmetric        scale * (code - zero), one constant `zero` (Q8_0, Q4_0, Q5_0, Q6_K, MatMulNBits
+                   without zero points);
+  with a minimum   scale * code + minimum (Q4_1, Q5_1, Q4_K, Q5_K);
+  with a zero point scale * (code - zero_point), an integer zero point per block (MatMulNBits with
+                   zero points).
+srcr's own quantizer (GPTQ) rounds onto these grids, and the targets write the codes and scales
+without quantizing again, so the file decodes to exactly the solver's matrix.
 
-The scale rules are ggml's reference quantizers': Q8_0 maps the block's largest magnitude to ±127;
-Q4_0 and Q5_0 map the value of largest magnitude, sign included, to the lowest code (−8 and −16 times
-the scale), which spends the asymmetric code range on the side where that value lies; Q4_1 and Q5_1
-span the block's minimum to its maximum (scale = (max - min) / highest, minimum = min). The symmetric
-grids hold 0.0 exactly (the code `zero`), so pruned weights stay zero in the file; on a grid with a
-minimum a pruned weight takes the code nearest 0, and the fit widens the range to include 0 when the
-block has pruned weights, so that code is within half a step of it.
+Scales are fitted `span` columns at a time. For the legacy types span == block: each block's scale
+(and minimum) is rounded to fp16 as stored. The K-quants fit a super-block of 256 columns at once:
+each sub-block's scale (and minimum) is an integer sub-scale times the super-block's fp16 factor
+(`d`, and `dmin` for the minimums), which is what `super_scales`/`super_minimums` keep; the
+per-block `scales` are always the products the format computes, so codes and dequantization need
+not know about the two levels.
+
+The scale rules follow ggml's reference quantizers where they have a simple closed form: Q8_0 maps
+the block's largest magnitude to ±127; Q4_0, Q5_0 (and Q6_K's sub-blocks) map the value of largest
+magnitude, sign included, to the lowest code, which spends the asymmetric code range on the side
+where that value lies; the grids with a minimum span the block's minimum to its maximum. The grids
+with a constant zero or a zero point hold 0.0 exactly, so pruned weights stay zero in the file; on a
+grid with a minimum a pruned weight takes the code nearest 0, and the fit widens the range to reach 0
+when the block has pruned weights, so that code is within half a step of it.
 """
 
 from __future__ import annotations
@@ -22,6 +33,18 @@ from dataclasses import dataclass
 
 import torch
 
+SYMMETRIC, MINIMUM, ZERO_POINT = "symmetric", "minimum", "zero-point"
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """The grid of `span` columns of every row: per block [rows, span // block], per span [rows]."""
+
+    scales: torch.Tensor
+    offsets: torch.Tensor | None  # minimums (grids with a minimum), zero points (grids with one), or None
+    super_scales: torch.Tensor | None = None  # K-quants: the fp16 factor of the integer sub-scales
+    super_minimums: torch.Tensor | None = None  # K-quants with a minimum: the factor of the sub-minimums
+
 
 @dataclass(frozen=True)
 class BlockGrid:
@@ -29,49 +52,107 @@ class BlockGrid:
     bits: int
     lowest: int  # smallest stored code
     highest: int  # largest stored code
-    zero: int  # the code that stands for 0.0
-    signed_extreme: bool  # True: scale = extreme value / (lowest - zero); False: scale = max |x| / highest
-    with_minimum: bool = False  # value = scale * code + minimum (Q4_1, Q5_1); `zero` is then unused
-    block: int = 32
+    kind: str = SYMMETRIC  # SYMMETRIC, MINIMUM or ZERO_POINT
+    zero: int = 0  # SYMMETRIC: the code that stands for 0.0
+    signed_extreme: bool = False  # SYMMETRIC: scale = extreme value / (lowest - zero), else max |x| / (highest - zero)
+    block: int = 32  # consecutive weights of a row that share a scale
+    span: int = 32  # columns fitted together: a super-block for K-quants, else one block
+    sub_scale_range: tuple[int, int] | None = None  # K-quants: the integer sub-scales' range
 
-    def fit(self, values: torch.Tensor, include_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scales, minimums or None) float32 [rows] for blocks `values` [rows, block], rounded through
-        fp16 as stored. `include_zero`: the range must reach 0 (the block has pruned weights)."""
-        minimum = None
-        if self.with_minimum:
-            low, high = values.amin(dim=1), values.amax(dim=1)
-            if include_zero:
-                low, high = low.clamp(max=0), high.clamp(min=0)
-            scale = (high - low) / self.highest
-            minimum = _as_stored(low, self.name)
-        elif self.signed_extreme:
-            index = values.abs().argmax(dim=1, keepdim=True)
-            scale = values.gather(1, index).squeeze(1) / (self.lowest - self.zero)
-        else:
-            scale = values.abs().amax(dim=1) / (self.highest - self.zero)
-        return _as_stored(scale, self.name), minimum
+    @property
+    def with_minimum(self) -> bool:
+        return self.kind == MINIMUM
 
-    def codes(self, values: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> torch.Tensor:
-        """Nearest codes (int16) for `values` [rows, ...] on the grid of `scale` [rows] (broadcast)."""
+    @property
+    def holds_zero(self) -> bool:
+        """Whether 0.0 is exactly on every block's grid (pruned weights stay exactly zero)."""
+        return self.kind != MINIMUM
+
+    def fit(self, values: torch.Tensor, pruned: torch.Tensor | None = None) -> BlockFit:
+        """The grid of `values` [rows, span], rounded as stored. `pruned` [rows, span] (or None) marks
+        weights that must land on the code nearest 0: a block with any widens its range to reach 0."""
+        rows = values.shape[0]
+        blocks = values.reshape(-1, self.block)
+        reach_zero = (
+            torch.zeros(blocks.shape[0], dtype=torch.bool, device=values.device)
+            if pruned is None
+            else pruned.reshape(-1, self.block).any(dim=1)
+        )
+        scales, offsets = self._fit_blocks(blocks, reach_zero)
+        per_span = self.span // self.block
+        if self.sub_scale_range is None:
+            scales = _as_stored(scales, self.name)
+            if self.kind == ZERO_POINT:
+                offsets = self._zero_points(blocks, scales)
+            elif offsets is not None:
+                offsets = _as_stored(offsets, self.name)
+            return BlockFit(
+                scales.reshape(rows, per_span), None if offsets is None else offsets.reshape(rows, per_span)
+            )
+        scales, super_scales = self._two_level(scales.reshape(rows, per_span))
+        if offsets is None:
+            return BlockFit(scales, None, super_scales)
+        negated, super_minimums = self._two_level(-offsets.reshape(rows, per_span))
+        return BlockFit(scales, -negated, super_scales, super_minimums)
+
+    def _fit_blocks(self, blocks: torch.Tensor, reach_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unrounded (scales, minimums or None) of each block [n, block]."""
+        if self.kind == SYMMETRIC:
+            if self.signed_extreme:
+                index = blocks.abs().argmax(dim=1, keepdim=True)
+                return blocks.gather(1, index).squeeze(1) / (self.lowest - self.zero), None
+            return blocks.abs().amax(dim=1) / (self.highest - self.zero), None
+        low, high = blocks.amin(dim=1), blocks.amax(dim=1)
+        # A zero point must be a code, so its range holds 0; K-quants store the minimum as a
+        # non-negative multiple of -dmin, so theirs starts at 0 or below.
+        reach_zero = reach_zero | (self.kind == ZERO_POINT)
+        low = low.clamp(max=0) if self.sub_scale_range is not None else low
+        low = torch.where(reach_zero, low.clamp(max=0), low)
+        high = torch.where(reach_zero, high.clamp(min=0), high)
+        return (high - low) / (self.highest - self.lowest), low
+
+    def _zero_points(self, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        low = blocks.amin(dim=1).clamp(max=0)
+        safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+        middle = float((self.lowest + self.highest + 1) // 2)
+        points = torch.where(scales == 0, torch.full_like(scales, middle), torch.round(-low / safe))
+        return points.clamp(self.lowest, self.highest)
+
+    def _two_level(self, sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K-quant scales: integer sub-scales in `sub_scale_range` times one fp16 factor per row of
+        `sub` [rows, sub-blocks]; returns (the products, the factors)."""
+        assert self.sub_scale_range is not None
+        low, high = self.sub_scale_range
+        factor = _as_stored(sub.abs().amax(dim=1) / high, self.name)
+        safe = torch.where(factor == 0, torch.ones_like(factor), factor)
+        integers = torch.round(sub / safe.unsqueeze(1)).clamp(low, high)
+        return factor.unsqueeze(1) * integers, factor  # exact in fp32: 11-bit x 8-bit mantissas
+
+    def codes(self, values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest codes (int16) for `values` [n, ...] on the grid of `scale` and `offset` [n] (broadcast)."""
         scale = _broadcast(scale, values)
-        offset = values - _broadcast(minimum, values) if self.with_minimum else values
+        shifted = values - _broadcast(offset, values) if self.kind == MINIMUM else values
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        steps = torch.round(offset / safe)
+        steps = torch.round(shifted / safe)
         steps = torch.where(scale == 0, torch.zeros_like(steps), steps)
-        zero = 0 if self.with_minimum else self.zero
-        return (steps + zero).clamp_(self.lowest, self.highest).to(torch.int16)
+        if self.kind == ZERO_POINT:
+            steps = steps + _broadcast(offset, values)
+        elif self.kind == SYMMETRIC:
+            steps = steps + self.zero
+        return steps.clamp_(self.lowest, self.highest).to(torch.int16)
 
-    def zero_codes(self, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> torch.Tensor:
-        """The code of each row's grid nearest 0.0 (exactly 0 on the symmetric grids)."""
-        return self.codes(torch.zeros_like(scale), scale, minimum)
+    def zero_codes(self, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The code of each block's grid nearest 0.0 (exactly 0 unless the grid has a minimum)."""
+        return self.codes(torch.zeros_like(scale), scale, offset)
 
-    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 values of `codes`, computed as the format does: fp32(scale) * fp32(code - zero), or
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 values of `codes`, computed as the formats do: fp32(scale) * fp32(code - zero), or
         fp32(scale) * fp32(code) + fp32(minimum) rounded after each operation."""
         scale = _broadcast(scale, codes)
-        if self.with_minimum:
-            product = scale * codes.to(torch.float32)
-            return product + _broadcast(minimum, codes)
+        if self.kind == MINIMUM:
+            return scale * codes.to(torch.float32) + _broadcast(offset, codes)
+        if self.kind == ZERO_POINT:
+            return scale * (codes.to(torch.float32) - _broadcast(offset, codes))
         return scale * (codes.to(torch.int32) - self.zero).to(torch.float32)
 
 
@@ -86,12 +167,33 @@ def _as_stored(values: torch.Tensor, name: str) -> torch.Tensor:
     return stored.to(torch.float32)
 
 
+def _legacy(name: str, bits: int, kind: str, signed_extreme: bool = False, zero: int = 0) -> BlockGrid:
+    highest = 2**bits - 1 if kind != SYMMETRIC or signed_extreme else 2 ** (bits - 1) - 1
+    lowest = -highest if kind == SYMMETRIC and not signed_extreme else 0
+    return BlockGrid(name, bits, lowest, highest, kind, zero, signed_extreme)
+
+
+def _matmul_nbits(bits: int, symmetric: bool) -> BlockGrid:
+    # ORT's MatMulNBits decodes (code - zero point) * scale; without zero points the zero point is 2^(bits-1).
+    name = f"MatMulNBits-q{bits}" + ("-sym" if symmetric else "")
+    middle = 2 ** (bits - 1)
+    if symmetric:
+        return BlockGrid(name, bits, 0, 2**bits - 1, SYMMETRIC, zero=middle, signed_extreme=True)
+    return BlockGrid(name, bits, 0, 2**bits - 1, ZERO_POINT)
+
+
 GRIDS: dict[str, BlockGrid] = {
-    "Q8_0": BlockGrid("Q8_0", 8, lowest=-127, highest=127, zero=0, signed_extreme=False),
-    "Q5_0": BlockGrid("Q5_0", 5, lowest=0, highest=31, zero=16, signed_extreme=True),
-    "Q4_0": BlockGrid("Q4_0", 4, lowest=0, highest=15, zero=8, signed_extreme=True),
-    "Q5_1": BlockGrid("Q5_1", 5, lowest=0, highest=31, zero=0, signed_extreme=False, with_minimum=True),
-    "Q4_1": BlockGrid("Q4_1", 4, lowest=0, highest=15, zero=0, signed_extreme=False, with_minimum=True),
+    "Q8_0": _legacy("Q8_0", 8, SYMMETRIC),
+    "Q5_0": _legacy("Q5_0", 5, SYMMETRIC, signed_extreme=True, zero=16),
+    "Q4_0": _legacy("Q4_0", 4, SYMMETRIC, signed_extreme=True, zero=8),
+    "Q5_1": _legacy("Q5_1", 5, MINIMUM),
+    "Q4_1": _legacy("Q4_1", 4, MINIMUM),
+    # K-quants: 256-column super-blocks. Q6_K: 16 blocks of 16 with signed 8-bit sub-scales;
+    # Q4_K/Q5_K: 8 blocks of 32 with 6-bit sub-scales and sub-minimums.
+    "Q6_K": BlockGrid("Q6_K", 6, 0, 63, SYMMETRIC, 32, True, block=16, span=256, sub_scale_range=(-128, 127)),
+    "Q5_K": BlockGrid("Q5_K", 5, 0, 31, MINIMUM, block=32, span=256, sub_scale_range=(0, 63)),
+    "Q4_K": BlockGrid("Q4_K", 4, 0, 15, MINIMUM, block=32, span=256, sub_scale_range=(0, 63)),
+    **{grid.name: grid for grid in (_matmul_nbits(bits, sym) for bits in (4, 8) for sym in (False, True))},
 }
 
 
@@ -103,24 +205,37 @@ def grid(name: str) -> BlockGrid:
 
 @dataclass
 class BlockCodes:
-    """A weight matrix on a grid: codes [rows, columns] (int16), scales and (grids with a minimum)
-    minimums [rows, columns / block] (float32)."""
+    """A weight matrix on a grid: codes [rows, columns] (int16); scales and offsets (minimums or zero
+    points, see BlockFit) [rows, columns / block] (float32); for K-quants the super-blocks' factors
+    [rows, columns / span]."""
 
     grid: str
     codes: torch.Tensor
     scales: torch.Tensor
-    minimums: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    super_scales: torch.Tensor | None = None
+    super_minimums: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         spec = grid(self.grid)
         rows, columns = self.codes.shape
         blocks = self.codes.reshape(rows, columns // spec.block, spec.block)
-        return spec.dequantize(blocks, self.scales, self.minimums).reshape(rows, columns)
+        return spec.dequantize(blocks, self.scales, self.offsets).reshape(rows, columns)
 
     def rows(self, start: int, stop: int) -> BlockCodes:
         return self.map_rows(lambda values: values[start:stop])
 
     def map_rows(self, reorder: Callable[[torch.Tensor], torch.Tensor]) -> BlockCodes:
-        """The same matrix with its rows selected or reordered by `reorder` (codes, scales, minimums alike)."""
-        minimums = None if self.minimums is None else reorder(self.minimums)
-        return BlockCodes(self.grid, reorder(self.codes), reorder(self.scales), minimums)
+        """The same matrix with its rows selected or reordered by `reorder` (every per-row tensor alike)."""
+
+        def apply(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else reorder(values)
+
+        return BlockCodes(
+            self.grid,
+            reorder(self.codes),
+            reorder(self.scales),
+            apply(self.offsets),
+            apply(self.super_scales),
+            apply(self.super_minimums),
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,13 @@ def quantize_gguf(
     imatrix: dict[str, np.ndarray] | None,
     n_threads: int | None = None,
     pure: bool = False,
+    keep: Mapping[str, str] | None = None,
 ) -> None:
     """Quantize GGUF `src` into `dst`; `imatrix` maps GGUF tensor names to per-input-column weights.
 
-    `pure` gives every weight matrix the type itself instead of llama.cpp's per-tensor mix.
+    `pure` gives every weight matrix the type itself instead of llama.cpp's per-tensor mix. `keep`
+    (GGUF tensor name -> ggml type name) pins tensors to their type whatever the mix says; a tensor
+    already of its pinned type is copied unchanged, which is how srcr's GPTQ codes pass through.
     """
     quant_type = canonical_quant_type(quant_type)
     if quant_type in REQUIRES_IMATRIX and not imatrix:
@@ -103,6 +107,9 @@ def quantize_gguf(
     entries = _ImatrixEntries(imatrix) if imatrix else None  # referenced until the call returns
     if entries is not None:
         params.imatrix = entries.array
+    overrides = _TypeOverrides(keep) if keep else None  # referenced until the call returns
+    if overrides is not None:
+        params.tt_overrides = overrides.array
     with captured_llama_log() as log:
         failed = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if failed:
@@ -127,6 +134,17 @@ class _ImatrixEntries:
             entry.name = name
             entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             entry.size = values.size
+
+
+class _TypeOverrides:
+    """`llama_model_tensor_override[]` closed by a NULL pattern: one anchored regex per pinned tensor."""
+
+    def __init__(self, keep: Mapping[str, str]) -> None:
+        self.patterns = [f"^{re.escape(name)}$".encode() for name in keep]
+        self.array = (llama_cpp.llama_model_tensor_override * (len(keep) + 1))()
+        for entry, pattern, type_name in zip(self.array, self.patterns, keep.values(), strict=False):
+            entry.pattern = pattern
+            entry.type = int(gguf.GGMLQuantizationType[type_name])
 
 
 def tensor_type_mix(source: Path | gguf.GGUFReader) -> dict[str, Any]:

@@ -39,8 +39,11 @@ _OPTIONS = ("pure", "quantizer")
 UNQUANTIZED = ("F32", "F16")
 QUANTIZERS = ("llama.cpp", "gptq")
 # --bits -> the type srcr's GPTQ writes: the legacy block types, whose 32-weight blocks fit any row of a
-# multiple of 32 (K-quants' 256-weight super-blocks are not written yet).
-GPTQ_BITS_TO_TYPE = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}
+# multiple of 32; Q6_K (256-weight super-blocks) at 6 bits. Q4_K and Q5_K by --quant-type.
+GPTQ_BITS_TO_TYPE = {4: "Q4_0", 5: "Q5_0", 6: "Q6_K", 8: "Q8_0"}
+# The llama.cpp file type that picks the types of the tensors GPTQ does not write (token embeddings,
+# output head): the K-quant "medium" mix for a K grid, the type itself otherwise.
+GPTQ_LLAMA_CPP_FTYPE = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 
 class GGUFTarget:
@@ -119,9 +122,10 @@ class GGUFTarget:
                 names = convert_to_gguf(model, tokenizer, full_precision, "F32", hints, codes)
                 _check_loads(full_precision)
                 # With GPTQ codes the importance matrix is left out: it covers only the decoder's matrices,
-                # which are quantized already, and its presence makes llama.cpp choose other types for
-                # some of them (ffn_down of Q4_0), which it would then refuse to re-quantize.
+                # which are quantized already and pinned to their type (`keep`).
                 gguf_imatrix = {} if codes else imatrix_by_gguf_name(imatrix or {}, names)
+                keep = {names[name]: matrix.grid for name, matrix in codes.items()}
+                ftype = GPTQ_LLAMA_CPP_FTYPE.get(spec.quant_type, spec.quant_type) if codes else spec.quant_type
                 stage_seconds["convert"] = time.perf_counter() - started
                 started = time.perf_counter()
                 progress(f"quantize to {spec.quant_type}", 1, steps)
@@ -131,16 +135,17 @@ class GGUFTarget:
                     quantize_gguf,
                     full_precision,
                     out,
-                    spec.quant_type,
+                    ftype,
                     gguf_imatrix or None,
                     None,
                     bool(spec.options.get("pure", False)),
+                    keep,
                 )
             finally:
                 full_precision.unlink(missing_ok=True)
         progress("measure", steps - 1, steps)
         reader = gguf.GGUFReader(out)  # parsing the header takes seconds on a real vocabulary: once
-        written = check_written_as_solved(reader, {names[name] for name in codes}) if codes else {}
+        written = check_written_as_solved(reader, {names[name]: matrix.grid for name, matrix in codes.items()})
         mix = tensor_type_mix(reader)
         stage_seconds["convert" if unquantized else "quantize"] = time.perf_counter() - started
         result = ExportResult(
@@ -172,11 +177,13 @@ class GGUFTarget:
         return LlamaCppRuntime(Path(artifact), n_gpu_layers=gpu_layers_for(device))
 
 
-def check_written_as_solved(reader: gguf.GGUFReader, solved: set[str]) -> dict[str, str]:
-    """Confirm llama.cpp copied every GPTQ tensor unchanged (it copies a tensor already of the target type);
-    return {name: type} of the weight matrices it quantized itself."""
-    found = {tensor.name: tensor for tensor in reader.tensors}
-    changed = sorted(name for name in solved if name not in found or found[name].tensor_type.name not in GGML_TYPES)
+def check_written_as_solved(reader: gguf.GGUFReader, solved: Mapping[str, str]) -> dict[str, str]:
+    """Confirm llama.cpp copied every GPTQ tensor (name -> type) unchanged (it copies a tensor already of
+    the type it is pinned to); return {name: type} of the weight matrices it quantized itself."""
+    if not solved:
+        return {}
+    found = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+    changed = sorted(name for name, type_name in solved.items() if found.get(name) != type_name)
     if changed:
         raise SrcrError(
             f"llama.cpp re-quantized {len(changed)} GPTQ tensors (e.g. {changed[0]}); use --quantizer llama.cpp "
@@ -192,7 +199,7 @@ def check_written_as_solved(reader: gguf.GGUFReader, solved: set[str]) -> dict[s
 def _resolve_gptq(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
     writable = ", ".join(GGML_TYPES)
     if quant_type is not None:
-        name = canonical_quant_type(quant_type)
+        name = quant_type.strip().upper()
         if name not in GGML_TYPES:
             raise SrcrError(f"--quantizer gptq writes {writable}, not {name}; pick one or use --quantizer llama.cpp")
         if bits is not None and bits != nominal_bits(name):

@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from srcr.base.grids import BlockCodes, grid
 from srcr.targets.base import ProgressFn, no_progress
 from srcr.targets.onnx.onnx_edit import MS_DOMAIN, GraphEditor, ensure_ms_opset, float16_faithful
 
@@ -290,6 +291,68 @@ def _float_zero_points_to_offsets(model: Any, linear: dict[str, str]) -> None:
         weight = weights_by_b.get(node.input[1], node.input[1])
         editor.replace(node, writer.nodes(node, weight, packed, scales, zeros, bits, block_size))
     editor.commit()
+
+
+def pack_zero_points(points: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' zero_points from integer points [N, K/block]: uint8, for 4 bits two per byte (low
+    nibble first), each row padded to whole bytes."""
+    points = points.astype(np.uint8)
+    if bits == 8:
+        return points.reshape(-1)
+    rows, blocks = points.shape
+    padded = np.zeros((rows, blocks + blocks % 2), dtype=np.uint8)
+    padded[:, :blocks] = points
+    return (padded[:, 0::2] | (padded[:, 1::2] << np.uint8(4))).reshape(-1)
+
+
+def write_codes(model: Any, linear: dict[str, str], codes: Mapping[str, BlockCodes], progress: ProgressFn) -> None:
+    """Replace the MatMuls of the weights in `codes` by MatMulNBits holding exactly those codes, scales
+    and (grids with a zero point) zero points: no quantization happens here."""
+    editor = GraphEditor(model)
+    by_node = {linear[name]: name for name in codes}
+    done = 0
+    for node in list(model.graph.node):
+        weight = by_node.get(node.name)
+        if weight is None:
+            continue
+        editor.replace(node, [codes_node(editor, node, weight, codes[weight])])
+        done += 1
+        progress("quantize", done, len(linear))
+    editor.commit()
+    ensure_ms_opset(model)
+
+
+def codes_node(editor: GraphEditor, node: Any, weight: str, matrix: BlockCodes) -> Any:
+    """One MatMulNBits for `node` (a MatMul by [in, out] `weight`) from codes on a MatMulNBits grid."""
+    from onnx import helper
+
+    spec = grid(matrix.grid)
+    if not spec.name.startswith("MatMulNBits"):
+        raise ValueError(f"{weight}: codes on {spec.name} are not a MatMulNBits grid")
+    columns, rows = matrix.codes.shape  # [out, in]: blocks run along the input
+    stored = editor.array(node.input[1]).shape if editor.has_initializer(node.input[1]) else None
+    if stored != (rows, columns):
+        raise ValueError(f"{weight}: the graph's MatMul holds {stored}, the codes are for [{rows}, {columns}]")
+    levels = matrix.codes.cpu().numpy()
+    inputs = [
+        node.input[0],
+        editor.add_initializer(pack_blocks(levels, spec.bits, spec.block), f"{weight}.q{spec.bits}"),
+        editor.add_initializer(matrix.scales.cpu().numpy().astype(np.float32), f"{weight}.scales"),
+    ]
+    if matrix.offsets is not None:
+        points = pack_zero_points(matrix.offsets.cpu().numpy(), spec.bits)
+        inputs.append(editor.add_initializer(points, f"{weight}.zero_points"))
+    return helper.make_node(
+        "MatMulNBits",
+        inputs,
+        list(node.output),
+        name=f"{node.name}.nbits",
+        domain=MS_DOMAIN,
+        K=rows,
+        N=columns,
+        bits=spec.bits,
+        block_size=spec.block,
+    )
 
 
 def quantize_linear_weights(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from srcr.base.grids import BlockCodes
 from srcr.targets.base import ProgressFn, QuantSpec, no_progress
 from srcr.targets.onnx import spec as specs
 from srcr.targets.onnx.graph import WeightMap
@@ -21,6 +23,8 @@ class Quantized:
     embedding_shared: bool
     quantized_weights: list[str]  # HF weight names whose stored form is quantized
     imatrix_used: bool = False
+    gptq_weights: list[str] = field(default_factory=list)  # written from srcr's GPTQ codes
+    ort_weights: list[str] = field(default_factory=list)  # quantized here (wls, hqq or rtn)
 
 
 def quantize_graph(
@@ -30,10 +34,15 @@ def quantize_graph(
     workdir: Path,
     imatrix: dict[str, np.ndarray] | None = None,
     progress: ProgressFn = no_progress,
+    codes: Mapping[str, BlockCodes] | None = None,
 ) -> Quantized:
-    """The quantized graph (`proto` is edited in place or replaced), and what was quantized or shared."""
+    """The quantized graph (`proto` is edited in place or replaced), and what was quantized or shared.
+
+    With `codes` (srcr's GPTQ, spec.grid) those weights are written as they are; the other linear
+    weights (an untied or tied output head) are quantized by `wls` at the same width and block size.
+    """
     from srcr.targets.onnx.embedding import share_tied_embedding
-    from srcr.targets.onnx.matmul_nbits import BlockQuantConfig, quantize_linear_weights
+    from srcr.targets.onnx.matmul_nbits import BlockQuantConfig, quantize_linear_weights, write_codes
     from srcr.targets.onnx.onnx_edit import store_as_float16
 
     scheme = spec.options["scheme"]
@@ -44,14 +53,24 @@ def quantize_graph(
         if spec.bits == 16:
             store_as_float16(proto, [*weights.linear, weights.embedding or ""], exact=True)
         return Quantized(proto, embedding_quantized=False, embedding_shared=shared, quantized_weights=[])
-    config = BlockQuantConfig(
-        bits=spec.bits,
-        block_size=spec.options["block_size"],
-        algo=spec.options["algo"],
-        symmetric=spec.options["symmetric"],
-    )
-    proto = quantize_linear_weights(proto, weights.linear, config, imatrix, progress)
-    imatrix_used = config.algo == "wls" and any(name in (imatrix or {}) for name in weights.linear)
+    codes = codes or {}
+    if spec.grid is not None:
+        if set(codes) - set(weights.linear) or not codes:
+            raise ValueError(f"the GPTQ codes name {len(codes)} weights; the graph's linear layers differ")
+        write_codes(proto, weights.linear, codes, progress)
+        rest = {name: node for name, node in weights.linear.items() if name not in codes}
+        config = BlockQuantConfig(spec.bits, spec.options["block_size"], "wls", symmetric=False)
+    else:
+        rest = weights.linear
+        config = BlockQuantConfig(
+            bits=spec.bits,
+            block_size=spec.options["block_size"],
+            algo=spec.options["algo"],
+            symmetric=spec.options["symmetric"],
+        )
+    if rest:
+        proto = quantize_linear_weights(proto, rest, config, imatrix, progress)
+    imatrix_used = config.algo == "wls" and any(name in (imatrix or {}) for name in rest)
     shared = share_tied_embedding(proto, weights)
     if not shared and weights.embedding:
         store_as_float16(proto, [weights.embedding], exact=True)
@@ -63,7 +82,7 @@ def quantize_graph(
     ]
     store_as_float16(proto, small_floats)
     quantized = list(weights.linear)
-    return Quantized(proto, shared, shared, quantized, imatrix_used)
+    return Quantized(proto, shared, shared, quantized, imatrix_used, gptq_weights=list(codes), ort_weights=list(rest))
 
 
 def _quantize_dynamic(proto: Any, weights: WeightMap, workdir: Path) -> Quantized:

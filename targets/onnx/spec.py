@@ -2,7 +2,7 @@
 
 quant_type names (accepted back as --quant-type):
   fp32, fp16                      unquantized; fp16 is stored as fp16 and computed in fp32
-  MatMulNBits-q4-wls-b32       weight-only blocks: bits, algorithm, block size (+ "-sym" for rtn)
+  MatMulNBits-q4-wls-b32          weight-only blocks: bits, algorithm, block size (+ "-sym" for rtn, gptq)
   int8-dynamic                    onnxruntime.quantization.quantize_dynamic: int8 weights and activations
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from srcr.base.errors import SrcrError
+from srcr.base.grids import GRIDS
 from srcr.base.shapes import linear_input_dims
 from srcr.targets.base import DEFAULT_BITS, QuantSpec
 from srcr.targets.onnx.matmul_nbits import ALGORITHMS
@@ -29,6 +30,8 @@ FLOAT_BITS = (16, 32)
 DEFAULT_BLOCK_SIZE = 32
 # Measured on SmolLM2-135M at 4 bits, block 32 (docs/onnx.md): wls beats hqq and rtn on KL, bytes and speed.
 DEFAULT_ALGO = "wls"
+# srcr's GPTQ, run in the calibration pass and written from its codes (srcr.base.grids' MatMulNBits grids).
+GPTQ = "gptq"
 # Request options, named as their CLI flags (--quant-block-size, ...).
 OPTIONS = ("quant_block_size", "symmetric", "quant_algo", "quant_scheme")
 _BLOCK_TYPE = re.compile(r"^matmulnbits-q(?P<bits>\d+)-(?P<algo>[a-z]+)-b(?P<block>\d+)(?P<sym>-sym)?$")
@@ -86,14 +89,13 @@ def quant_type_name(bits: int, scheme: str, algo: str | None, block_size: int | 
 
 def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
     quantizer = options.get("quantizer")
-    if quantizer == "gptq":
-        raise SrcrError(
-            "--quantizer gptq does not write ONNX yet (srcr's GPTQ writes GGUF legacy block types); "
-            "drop it to use ONNX Runtime's quantizers (--quant-algo)"
-        )
-    if quantizer not in (None, "ort"):
-        raise SrcrError(f"unknown --quantizer {quantizer!r} for ONNX; choose ort (the default)")
+    if quantizer not in (None, "ort", GPTQ):
+        raise SrcrError(f"unknown --quantizer {quantizer!r} for ONNX; choose ort (the default) or gptq")
     options = {key: value for key, value in options.items() if key != "quantizer"}
+    if quantizer == GPTQ:
+        if options.get("quant_algo") not in (None, GPTQ):
+            raise SrcrError(f"--quant-algo {options['quant_algo']} contradicts --quantizer gptq; drop one of them")
+        options["quant_algo"] = GPTQ
     unknown = sorted(key for key, value in options.items() if key not in OPTIONS and value is not None)
     if unknown:
         flags = ", ".join(f"--{key.replace('_', '-')}" for key in unknown)
@@ -124,15 +126,25 @@ def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, obje
         return QuantSpec(FORMAT, 8, quant_type_name(8, DYNAMIC, None, None, False), {"scheme": DYNAMIC})
 
     algo = str(options.get("quant_algo", DEFAULT_ALGO)).lower()
-    if algo not in ALGORITHMS:
-        raise SrcrError(f"unknown --quant-algo {algo!r}; use one of {', '.join(ALGORITHMS)}")
+    if algo not in (*ALGORITHMS, GPTQ):
+        raise SrcrError(f"unknown --quant-algo {algo!r}; use one of {', '.join(ALGORITHMS)} (or --quantizer gptq)")
     symmetric = bool(options.get("symmetric", False))
-    if symmetric and algo != "rtn":
-        raise SrcrError(f"--symmetric needs --quant-algo rtn: {algo} blocks are asymmetric by construction")
+    if symmetric and algo not in ("rtn", GPTQ):
+        raise SrcrError(f"--symmetric needs --quant-algo rtn or --quantizer gptq: {algo} blocks are asymmetric")
     block_size = int(options.get("quant_block_size", DEFAULT_BLOCK_SIZE))
     _check_block_size(block_size)
     spec_options = {"scheme": WEIGHT_ONLY, "algo": algo, "block_size": block_size, "symmetric": symmetric}
-    return QuantSpec(FORMAT, bits, quant_type_name(bits, WEIGHT_ONLY, algo, block_size, symmetric), spec_options)
+    name = quant_type_name(bits, WEIGHT_ONLY, algo, block_size, symmetric)
+    if algo != GPTQ:
+        return QuantSpec(FORMAT, bits, name, spec_options)
+    grid = f"MatMulNBits-q{bits}" + ("-sym" if symmetric else "")
+    if grid not in GRIDS or block_size != GRIDS[grid].block:
+        raise SrcrError(
+            f"--quantizer gptq writes MatMulNBits with 4- or 8-bit blocks of {DEFAULT_BLOCK_SIZE} "
+            f"(--bits 4 or 8, --quant-block-size {DEFAULT_BLOCK_SIZE}), not {bits}-bit blocks of {block_size}; "
+            "use ONNX Runtime's quantizers (--quant-algo) for others"
+        )
+    return QuantSpec(FORMAT, bits, name, spec_options, grid=grid)
 
 
 def check_block_size_fits(config: PretrainedConfig, spec: QuantSpec) -> None:

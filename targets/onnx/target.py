@@ -63,8 +63,10 @@ class ONNXTarget:
         """Trace, quantize and write `out` (one .onnx file; `<name>.data` beside it only past 2 GB)."""
         from srcr.targets.onnx import artifact
 
-        if codes:
-            raise SrcrError("the ONNX target does not write GPTQ codes yet; drop --quantizer gptq")
+        if spec.grid is not None and not codes:
+            raise SrcrError(f"{spec.quant_type} needs the calibration pass's GPTQ codes; none came")
+        if codes and (spec.grid is None or any(matrix.grid != spec.grid for matrix in codes.values())):
+            raise SrcrError(f"the GPTQ codes are not on the grid of {spec.quant_type}, which this export writes")
 
         require_onnx()
         ort = require_onnxruntime()
@@ -78,7 +80,7 @@ class ONNXTarget:
             convert_seconds = time.perf_counter() - started
             started = time.perf_counter()
             progress("export onnx graph", 1, 1)
-            quantized = quantize_graph(proto, weights, spec, workdir, imatrix, progress)
+            quantized = quantize_graph(proto, weights, spec, workdir, imatrix, progress, codes)
             quantization = _quantization_summary(spec, quantized)
             format_info = _format_info(ort)
             artifact.attach_metadata(
@@ -136,6 +138,10 @@ def _quantization_summary(spec: QuantSpec, quantized: Quantized) -> dict[str, An
         "embedding_quantized": quantized.embedding_quantized,
         "embedding_shared_with_lm_head": quantized.embedding_shared,
         "imatrix_used": quantized.imatrix_used,
+        "quantizer": "gptq" if quantized.gptq_weights else "ort",
+        # With GPTQ: the weight matrices written from its codes, and those ONNX Runtime-side wls quantized.
+        "gptq_tensors": len(quantized.gptq_weights),
+        "ort_tensors": sorted(quantized.ort_weights) if quantized.gptq_weights else [],
     }
 
 
