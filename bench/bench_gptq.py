@@ -83,8 +83,8 @@ def train_small_llama(folder: Path, steps: int, seed: int = 0) -> None:
 # (format, quantizer, types): one sweep each over sparsity {0, 0.5}. llama.cpp's K mixes are compared with
 # GPTQ's plain K type (Q4_K_M vs Q4_K: the mix spends more bytes, Q6_K on some attn_v/ffn_down).
 SWEEPS = (
-    ("gguf", "llama.cpp", ["Q4_0", "Q5_0", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"]),
-    ("gguf", "gptq", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]),
+    ("gguf", "llama.cpp", ["Q4_0", "Q5_0", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K"]),
+    ("gguf", "gptq", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"]),
     (
         "onnx",
         None,
@@ -94,6 +94,8 @@ SWEEPS = (
             "MatMulNBits-q4-gptq-b32",
             "MatMulNBits-q4-gptq-b32-sym",
             "MatMulNBits-q8-gptq-b32",
+            "MatMulNBits-q2-wls-b32",
+            "MatMulNBits-q2-gptq-b32",
         ],
     ),
 )
@@ -105,9 +107,12 @@ PAIRS = (
     ("Q4_K_M", "Q4_K"),
     ("Q5_K_M", "Q5_K"),
     ("Q6_K", "Q6_K"),
+    ("Q3_K_M", "Q3_K"),
+    ("Q2_K", "Q2_K"),
     ("MatMulNBits-q4-wls-b32", "MatMulNBits-q4-gptq-b32"),
     ("MatMulNBits-q4-wls-b32", "MatMulNBits-q4-gptq-b32-sym"),
     ("MatMulNBits-q8-wls-b32", "MatMulNBits-q8-gptq-b32"),
+    ("MatMulNBits-q2-wls-b32", "MatMulNBits-q2-gptq-b32"),
 )
 
 

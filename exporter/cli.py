@@ -42,8 +42,9 @@ QUANTIZER_HELP = (
     "Who rounds the decoder's weight matrices: the format's own quantizer (default: llama.cpp for GGUF, "
     "ONNX Runtime for ONNX) or gptq: srcr's GPTQ onto the format's exact grid, in the same calibration sweep "
     "as pruning (joint SparseGPT + GPTQ when pruning), written into the file without re-quantizing "
-    "(GGUF Q4_0, Q5_0, Q6_K, Q8_0: --bits 4, 5, 6, 8; Q4_1, Q5_1, Q4_K, Q5_K by --quant-type, the K types "
-    "on rows of a multiple of 256; ONNX MatMulNBits 4- or 8-bit blocks of 32, with zero points or --symmetric)."
+    "(GGUF Q2_K, Q3_K, Q4_0, Q5_0, Q6_K, Q8_0: --bits 2, 3, 4, 5, 6, 8; Q4_1, Q5_1, Q4_K, Q5_K by "
+    "--quant-type; the K types on rows of a multiple of 256; ONNX MatMulNBits 2-, 4- or 8-bit blocks of 32, "
+    "with zero points or --symmetric)."
 )
 DEVICE_HELP = (
     "Where PyTorch runs the dense reference and pruning: auto (CUDA when available), cpu or cuda. "

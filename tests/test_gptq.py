@@ -218,6 +218,8 @@ K_SHAPES = {"num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 512
         ("Q4_K", 0.0, K_SHAPES),
         ("Q5_K", 0.5, K_SHAPES),
         ("Q6_K", 0.5, K_SHAPES),
+        ("Q3_K", 0.0, K_SHAPES),
+        ("Q2_K", 0.5, K_SHAPES),
     ],
 )
 def test_gguf_holds_exactly_the_solved_weights_and_runs(tmp_path, smollm_tokenizer, name, sparsity, shapes):
@@ -279,11 +281,13 @@ runner = CliRunner()
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--bits", "3"], "--quantizer gptq writes Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, Q4_K, Q5_K, Q6_K (--bits 4, 5, 6, 8)"),
+        (["--bits", "7"], "--quantizer gptq writes Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"),
+        (["--bits", "3"], "not a multiple of Q3_K's 256-weight blocks"),
         (["--quant-type", "Q4_K_M"], "not Q4_K_M"),
         (["--quant-type", "IQ4_XS"], "not IQ4_XS"),
         (["--quant-type", "Q4_K"], "not a multiple of Q4_K's 256-weight blocks; use a type of 32-weight blocks"),
-        (["--format", "onnx", "--bits", "2"], "not 2-bit blocks of 32"),
+        (["--format", "onnx", "--bits", "16"], "not 16-bit floats"),
+        (["--format", "onnx", "--bits", "8", "--quant-scheme", "dynamic"], "not int8-dynamic"),
         (["--format", "onnx", "--quant-block-size", "64"], "not 4-bit blocks of 64"),
         (["--format", "onnx", "--quant-algo", "hqq"], "--quant-algo hqq contradicts --quantizer gptq"),
         (["--method", "wanda", "--sparsity", "0.5"], "use --method sparsegpt"),

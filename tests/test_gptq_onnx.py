@@ -60,7 +60,7 @@ def test_written_matmul_nbits_decode_to_the_solver_values_bit_for_bit(name):
     assert np.all(solved.numpy()[mask.numpy()] == 0)  # every MatMulNBits grid holds 0 exactly
 
 
-def node_decodes(path, weight: str) -> np.ndarray:
+def node_decodes(path, weight: str, bits: int) -> np.ndarray:
     """[out, in]: the artifact's own MatMulNBits for `weight`, its initializers as stored (fp16 scales
     through their Cast), run by ONNX Runtime on the identity."""
     import onnx
@@ -70,7 +70,9 @@ def node_decodes(path, weight: str) -> np.ndarray:
     model = onnx.load(str(path))
     initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
     casts = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "Cast"}
-    node = next(node for node in model.graph.node if node.op_type == "MatMulNBits" and node.input[1] == f"{weight}.q4")
+    node = next(
+        node for node in model.graph.node if node.op_type == "MatMulNBits" and node.input[1] == f"{weight}.q{bits}"
+    )
     attrs = {attribute.name: attribute.i for attribute in node.attribute}
     stored = [
         numpy_helper.from_array(
@@ -98,8 +100,8 @@ def node_decodes(path, weight: str) -> np.ndarray:
     return session.run(None, {"x": np.eye(columns, dtype=np.float32)})[0].T
 
 
-@pytest.mark.parametrize(("symmetric", "sparsity"), [(False, 0.5), (True, 0.0)])
-def test_onnx_holds_exactly_the_solved_weights_and_runs(tmp_path, smollm_tokenizer, symmetric, sparsity):
+@pytest.mark.parametrize(("bits", "symmetric", "sparsity"), [(4, False, 0.5), (4, True, 0.0), (2, False, 0.0)])
+def test_onnx_holds_exactly_the_solved_weights_and_runs(tmp_path, smollm_tokenizer, bits, symmetric, sparsity):
     from conftest import make_tiny_llama
 
     from srcr.exporter.pruning import PruneSpec, prune_model
@@ -107,8 +109,8 @@ def test_onnx_holds_exactly_the_solved_weights_and_runs(tmp_path, smollm_tokeniz
 
     model = make_tiny_llama(smollm_tokenizer)
     target = get_target("onnx")
-    spec = target.resolve_quant(4, None, {"quantizer": "gptq", "symmetric": symmetric or None})
-    assert spec.grid == "MatMulNBits-q4" + ("-sym" if symmetric else "")
+    spec = target.resolve_quant(bits, None, {"quantizer": "gptq", "symmetric": symmetric or None})
+    assert spec.grid == f"MatMulNBits-q{bits}" + ("-sym" if symmetric else "")
     ids = torch.randint(0, 4000, (4, 64), generator=torch.Generator().manual_seed(0))
     report = prune_model(model, ids, PruneSpec("sparsegpt", sparsity, grid=spec.grid))
     out = tmp_path / "model.onnx"
@@ -118,5 +120,5 @@ def test_onnx_holds_exactly_the_solved_weights_and_runs(tmp_path, smollm_tokeniz
     assert result.quantization["ort_tensors"] == ["lm_head.weight"]  # tied: quantized once by wls, shared
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         expected = model.get_parameter(name).detach().numpy()
-        assert np.array_equal(node_decodes(out, name), expected), name
+        assert np.array_equal(node_decodes(out, name, bits), expected), name
     assert_pruned_and_generates(report, sparsity, target, out, ids)

@@ -2,9 +2,9 @@
 
 A grid says which values a block of `block` consecutive input weights of a row can take after
 quantization, as the format decodes them in fp32:
-  symmetric        scale * (code - zero), one constant `zero` (Q8_0, Q4_0, Q5_0, Q6_K, MatMulNBits
-                   without zero points);
-  with a minimum   scale * code + minimum (Q4_1, Q5_1, Q4_K, Q5_K);
+  symmetric        scale * (code - zero), one constant `zero` (Q8_0, Q4_0, Q5_0, Q6_K, Q3_K,
+                   MatMulNBits without zero points);
+  with a minimum   scale * code + minimum (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K);
   with a zero point scale * (code - zero_point), an integer zero point per block (MatMulNBits with
                    zero points).
 srcr's own quantizer (GPTQ) rounds onto these grids, and the targets write the codes and scales
@@ -193,7 +193,11 @@ GRIDS: dict[str, BlockGrid] = {
     "Q6_K": BlockGrid("Q6_K", 6, 0, 63, SYMMETRIC, 32, True, block=16, span=256, sub_scale_range=(-128, 127)),
     "Q5_K": BlockGrid("Q5_K", 5, 0, 31, MINIMUM, block=32, span=256, sub_scale_range=(0, 63)),
     "Q4_K": BlockGrid("Q4_K", 4, 0, 15, MINIMUM, block=32, span=256, sub_scale_range=(0, 63)),
-    **{grid.name: grid for grid in (_matmul_nbits(bits, sym) for bits in (4, 8) for sym in (False, True))},
+    # Q3_K: 16 symmetric blocks of 16 (code 4 = 0) with signed 6-bit sub-scales; Q2_K: 16 blocks of 16
+    # with 4-bit sub-scales and sub-minimums.
+    "Q3_K": BlockGrid("Q3_K", 3, 0, 7, SYMMETRIC, 4, True, block=16, span=256, sub_scale_range=(-32, 31)),
+    "Q2_K": BlockGrid("Q2_K", 2, 0, 3, MINIMUM, block=16, span=256, sub_scale_range=(0, 15)),
+    **{grid.name: grid for grid in (_matmul_nbits(bits, sym) for bits in (2, 4, 8) for sym in (False, True))},
 }
 
 

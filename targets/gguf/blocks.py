@@ -9,6 +9,10 @@ weights of a row:
 - Q4_K: fp16 d, fp16 dmin, 12 bytes of eight 6-bit sub-scales and sub-minimums, then 4 runs of 32
   bytes; run j holds sub-block 2j in its low nibbles and sub-block 2j + 1 in its high ones.
 - Q5_K: as Q4_K with 32 bytes of fifth bits (bit j of byte l: sub-block j, weight l) before the nibbles.
+- Q2_K: 16 bytes of 4-bit sub-scales (low nibble) and sub-minimums (high), 64 bytes of 2-bit codes
+  (weight 128h + 32s + l at bits 2s of byte 32h + l), fp16 d, fp16 dmin.
+- Q3_K: 32 bytes of third bits (weight 32j + l: bit j of byte l), the low 2 bits as in Q2_K, 12 bytes
+  of sixteen 6-bit sub-scales stored + 32, fp16 d.
 - Q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 sub-scales, fp16 d; each
   half of 128 weights takes 64 low-nibble bytes (weights 0-63 low, 64-127 high) and 32 pair bytes
   (pair t of byte l: weight 32t + l).
@@ -26,7 +30,7 @@ BLOCK = 32
 SUPER_BLOCK = 256
 GGML_TYPES = {
     name: getattr(gguf.GGMLQuantizationType, name)
-    for name in ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+    for name in ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 }
 
 
@@ -34,10 +38,9 @@ def pack(matrix: BlockCodes) -> np.ndarray:
     """uint8 [rows, bytes per row] in the grid's ggml type: what gguf-py's writer takes as raw data."""
     codes = matrix.codes.cpu().numpy().astype(np.int32)
     rows, columns = codes.shape
-    if matrix.grid in ("Q4_K", "Q5_K", "Q6_K"):
+    if matrix.grid in _K_PACKERS:
         supers = codes.reshape(rows, columns // SUPER_BLOCK, SUPER_BLOCK)
-        packed = _pack_q6_k(matrix, supers) if matrix.grid == "Q6_K" else _pack_q45_k(matrix, supers)
-        return np.ascontiguousarray(packed.reshape(rows, -1))
+        return np.ascontiguousarray(_K_PACKERS[matrix.grid](matrix, supers).reshape(rows, -1))
     blocks = codes.reshape(rows, columns // BLOCK, BLOCK)
     header = [_halves(matrix.scales, rows)]
     if matrix.grid in ("Q4_1", "Q5_1"):
@@ -85,6 +88,41 @@ def _pack_q6_k(matrix: BlockCodes, supers: np.ndarray) -> np.ndarray:
     return np.concatenate([ql, qh.reshape(rows, count, 64), sub_scales, d], axis=2)
 
 
+def _crumbs(supers: np.ndarray) -> np.ndarray:
+    """The low 2 bits of a super-block's codes, Q2_K/Q3_K style: weight 128h + 32s + l at bits 2s of
+    byte 32h + l."""
+    rows, count = supers.shape[:2]
+    parts = (supers & 0x03).reshape(rows, count, 2, 4, BLOCK)
+    packed = np.zeros((rows, count, 2, BLOCK), dtype=np.uint8)
+    for shift in range(4):
+        packed |= (parts[..., shift, :] << (2 * shift)).astype(np.uint8)
+    return packed.reshape(rows, count, 64)
+
+
+def _pack_q2_k(matrix: BlockCodes, supers: np.ndarray) -> np.ndarray:
+    rows, count = supers.shape[:2]
+    sub_scales = _sub_integers(matrix.scales, matrix.super_scales, rows, count)
+    sub_minimums = _sub_integers(-matrix.offsets, matrix.super_minimums, rows, count)
+    scales = (sub_scales | (sub_minimums << 4)).astype(np.uint8)
+    d, dmin = _halves(matrix.super_scales, rows), _halves(matrix.super_minimums, rows)
+    return np.concatenate([scales, _crumbs(supers), d, dmin], axis=2)
+
+
+def _pack_q3_k(matrix: BlockCodes, supers: np.ndarray) -> np.ndarray:
+    rows, count = supers.shape[:2]
+    stored = _sub_integers(matrix.scales, matrix.super_scales, rows, count) + 32  # 6 bits, offset by 32
+    low = (stored[..., :8] & 0x0F) | ((stored[..., 8:] & 0x0F) << 4)
+    high = np.zeros((rows, count, 4), dtype=np.int32)
+    for group in range(4):  # byte 8 + i, bits 2k: the high bits of sub-scale 4k + i
+        high |= ((stored[..., 4 * group : 4 * group + 4] >> 4) & 0x03) << (2 * group)
+    by_bit = supers.reshape(rows, count, 8, BLOCK)  # weight 32j + l: bit j of byte l
+    hmask = np.zeros((rows, count, BLOCK), dtype=np.uint8)
+    for bit in range(8):
+        hmask |= (((by_bit[:, :, bit] >> 2) & 1) << bit).astype(np.uint8)
+    scales = np.concatenate([low, high], axis=2).astype(np.uint8)
+    return np.concatenate([hmask, _crumbs(supers), scales, _halves(matrix.super_scales, rows)], axis=2)
+
+
 def _sub_integers(products: torch.Tensor, factors: torch.Tensor | None, rows: int, count: int) -> np.ndarray:
     """The integer sub-scales behind `products` [rows, sub-blocks] = factor of their super-block x integer."""
     if factors is None:
@@ -106,6 +144,9 @@ def _six_bit_pairs(scales: np.ndarray, minimums: np.ndarray) -> np.ndarray:
     second = low_minimums | ((high_minimums >> 4) << 6)
     third = (high_scales & 0x0F) | ((high_minimums & 0x0F) << 4)
     return np.concatenate([first, second, third], axis=2).astype(np.uint8)
+
+
+_K_PACKERS = {"Q2_K": _pack_q2_k, "Q3_K": _pack_q3_k, "Q4_K": _pack_q45_k, "Q5_K": _pack_q45_k, "Q6_K": _pack_q6_k}
 
 
 def _bit_planes(blocks: np.ndarray, bit: int, width: int) -> np.ndarray:

@@ -39,11 +39,11 @@ _OPTIONS = ("pure", "quantizer")
 UNQUANTIZED = ("F32", "F16")
 QUANTIZERS = ("llama.cpp", "gptq")
 # --bits -> the type srcr's GPTQ writes: the legacy block types, whose 32-weight blocks fit any row of a
-# multiple of 32; Q6_K (256-weight super-blocks) at 6 bits. Q4_K and Q5_K by --quant-type.
-GPTQ_BITS_TO_TYPE = {4: "Q4_0", 5: "Q5_0", 6: "Q6_K", 8: "Q8_0"}
+# multiple of 32; the K-quants (256-weight super-blocks) at 2, 3 and 6 bits. Q4_K and Q5_K by --quant-type.
+GPTQ_BITS_TO_TYPE = {2: "Q2_K", 3: "Q3_K", 4: "Q4_0", 5: "Q5_0", 6: "Q6_K", 8: "Q8_0"}
 # The llama.cpp file type that picks the types of the tensors GPTQ does not write (token embeddings,
 # output head): the K-quant "medium" mix for a K grid, the type itself otherwise.
-GPTQ_LLAMA_CPP_FTYPE = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+GPTQ_LLAMA_CPP_FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 
 class GGUFTarget:

@@ -294,15 +294,16 @@ def _float_zero_points_to_offsets(model: Any, linear: dict[str, str]) -> None:
 
 
 def pack_zero_points(points: np.ndarray, bits: int) -> np.ndarray:
-    """MatMulNBits' zero_points from integer points [N, K/block]: uint8, for 4 bits two per byte (low
-    nibble first), each row padded to whole bytes."""
-    points = points.astype(np.uint8)
-    if bits == 8:
-        return points.reshape(-1)
+    """MatMulNBits' zero_points from integer points [N, K/block]: uint8, 8 / bits to a byte (low bits
+    first), each row padded to whole bytes."""
+    per_byte = 8 // bits
     rows, blocks = points.shape
-    padded = np.zeros((rows, blocks + blocks % 2), dtype=np.uint8)
-    padded[:, :blocks] = points
-    return (padded[:, 0::2] | (padded[:, 1::2] << np.uint8(4))).reshape(-1)
+    padded = np.zeros((rows, -(-blocks // per_byte) * per_byte), dtype=np.uint8)
+    padded[:, :blocks] = points.astype(np.uint8)
+    packed = np.zeros((rows, padded.shape[1] // per_byte), dtype=np.uint8)
+    for slot in range(per_byte):
+        packed |= padded[:, slot::per_byte] << np.uint8(bits * slot)
+    return packed.reshape(-1)
 
 
 def write_codes(model: Any, linear: dict[str, str], codes: Mapping[str, BlockCodes], progress: ProgressFn) -> None:

@@ -117,6 +117,11 @@ def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, obje
     scheme = options.get("quant_scheme", WEIGHT_ONLY)
     if scheme not in SCHEMES:
         raise SrcrError(f"unknown --quant-scheme {scheme!r}; use {' or '.join(SCHEMES)}")
+    if options.get("quant_algo") == GPTQ and (bits in FLOAT_BITS or scheme == DYNAMIC):
+        raise SrcrError(
+            f"--quantizer gptq writes weight-only MatMulNBits blocks (--bits 2, 4 or 8), not "
+            f"{'int8-dynamic' if scheme == DYNAMIC else f'{bits}-bit floats'}; drop --quantizer gptq"
+        )
     if scheme == DYNAMIC and bits != 8:
         raise SrcrError("--quant-scheme dynamic quantizes to int8; use it with --bits 8")
     if bits in FLOAT_BITS:
@@ -140,8 +145,8 @@ def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, obje
     grid = f"MatMulNBits-q{bits}" + ("-sym" if symmetric else "")
     if grid not in GRIDS or block_size != GRIDS[grid].block:
         raise SrcrError(
-            f"--quantizer gptq writes MatMulNBits with 4- or 8-bit blocks of {DEFAULT_BLOCK_SIZE} "
-            f"(--bits 4 or 8, --quant-block-size {DEFAULT_BLOCK_SIZE}), not {bits}-bit blocks of {block_size}; "
+            f"--quantizer gptq writes MatMulNBits with 2-, 4- or 8-bit blocks of {DEFAULT_BLOCK_SIZE} "
+            f"(--bits 2, 4 or 8, --quant-block-size {DEFAULT_BLOCK_SIZE}), not {bits}-bit blocks of {block_size}; "
             "use ONNX Runtime's quantizers (--quant-algo) for others"
         )
     return QuantSpec(FORMAT, bits, name, spec_options, grid=grid)
