@@ -100,7 +100,11 @@ class BlockGrid:
         if self.kind == SYMMETRIC:
             if self.signed_extreme:
                 index = blocks.abs().argmax(dim=1, keepdim=True)
-                return blocks.gather(1, index).squeeze(1) / (self.lowest - self.zero), None
+                extreme = blocks.gather(1, index).squeeze(1)
+                if self.sub_scale_range is not None:
+                    lowest, highest = self.lowest - self.zero, self.highest - self.zero
+                    return _search_symmetric_scale(blocks, extreme, lowest, highest), None
+                return extreme / (self.lowest - self.zero), None
             return blocks.abs().amax(dim=1) / (self.highest - self.zero), None
         low, high = blocks.amin(dim=1), blocks.amax(dim=1)
         # A zero point must be a code, so its range holds 0; K-quants store the minimum as a
@@ -109,7 +113,10 @@ class BlockGrid:
         low = low.clamp(max=0) if self.sub_scale_range is not None else low
         low = torch.where(reach_zero, low.clamp(max=0), low)
         high = torch.where(reach_zero, high.clamp(min=0), high)
-        return (high - low) / (self.highest - self.lowest), low
+        scale = (high - low) / (self.highest - self.lowest)
+        if self.sub_scale_range is not None:
+            return _search_scale_and_minimum(blocks, scale, low, high, self.highest)
+        return scale, low
 
     def _zero_points(self, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         low = blocks.amin(dim=1).clamp(max=0)
@@ -154,6 +161,66 @@ class BlockGrid:
         if self.kind == ZERO_POINT:
             return scale * (codes.to(torch.float32) - _broadcast(offset, codes))
         return scale * (codes.to(torch.int32) - self.zero).to(torch.float32)
+
+
+def _search_scale_and_minimum(
+    blocks: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor, top: int, steps: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's K-quant search (make_qkx2_quants): try grid spacings around (max - min) / top, round,
+    refit scale and minimum by least squares weighted by |x| + rms(block), keep the lowest weighted
+    error; the minimum stays at or below 0."""
+    weight = blocks.abs() + blocks.square().mean(dim=1, keepdim=True).sqrt()
+    spread = (high - low).clamp(min=1e-30).unsqueeze(1)
+
+    def error_of(candidate_scale: torch.Tensor, candidate_min: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(candidate_scale == 0, torch.ones_like(candidate_scale), candidate_scale)
+        levels = torch.round((blocks - candidate_min.unsqueeze(1)) / safe.unsqueeze(1)).clamp(0, top)
+        values = candidate_scale.unsqueeze(1) * levels + candidate_min.unsqueeze(1)
+        return (weight * (values - blocks).square()).sum(dim=1)
+
+    best_scale, best_min, best_error = scale, low, error_of(scale, low)
+    total = weight.sum(dim=1)
+    for step in range(steps + 1):
+        levels = torch.round((top - 1 + 0.1 * step) / spread * (blocks - low.unsqueeze(1))).clamp(0, top)
+        sum_l, sum_ll = (weight * levels).sum(dim=1), (weight * levels.square()).sum(dim=1)
+        sum_x, sum_lx = (weight * blocks).sum(dim=1), (weight * levels * blocks).sum(dim=1)
+        determinant = total * sum_ll - sum_l.square()
+        solvable = determinant > 0
+        safe = torch.where(solvable, determinant, torch.ones_like(determinant))
+        fitted_scale = (total * sum_lx - sum_x * sum_l) / safe
+        fitted_min = (sum_ll * sum_x - sum_l * sum_lx) / safe
+        # A minimum above 0 is not storable: pin it to 0 and refit the scale alone.
+        positive = fitted_min > 0
+        fitted_scale = torch.where(positive, sum_lx / sum_ll.clamp(min=1e-30), fitted_scale)
+        fitted_min = torch.where(positive, torch.zeros_like(fitted_min), fitted_min)
+        usable = solvable & (fitted_scale > 0)
+        error = torch.where(usable, error_of(fitted_scale, fitted_min), torch.full_like(best_error, float("inf")))
+        better = error < best_error
+        best_scale = torch.where(better, fitted_scale, best_scale)
+        best_min = torch.where(better, fitted_min, best_min)
+        best_error = torch.where(better, error, best_error)
+    return best_scale, best_min
+
+
+def _search_symmetric_scale(
+    blocks: torch.Tensor, extreme: torch.Tensor, lowest: int, highest: int, steps: int = 9
+) -> torch.Tensor:
+    """ggml's search for symmetric K-quant scales (make_qx_quants): map the extreme value to
+    lowest ± 0.1·k, round, refit the scale by least squares weighted by x^2, keep the best fit."""
+    weight = blocks.square()
+    safe_extreme = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
+    best_scale = extreme / lowest
+    best_score = torch.full_like(extreme, -1.0)
+    for step in range(-steps, steps + 1):
+        inverse = (lowest + 0.1 * step) / safe_extreme
+        levels = torch.round(blocks * inverse.unsqueeze(1)).clamp(lowest, highest)
+        sum_lx, sum_ll = (weight * levels * blocks).sum(dim=1), (weight * levels.square()).sum(dim=1)
+        usable = sum_ll > 0
+        score = torch.where(usable, sum_lx.square() / sum_ll.clamp(min=1e-30), torch.full_like(sum_lx, -1.0))
+        better = score > best_score
+        best_scale = torch.where(better & usable, sum_lx / sum_ll.clamp(min=1e-30), best_scale)
+        best_score = torch.where(better, score, best_score)
+    return torch.where(extreme == 0, torch.zeros_like(best_scale), best_scale)
 
 
 def _broadcast(per_row: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
