@@ -41,7 +41,8 @@ console = Console(stderr=True)
 
 
 def train_small_llama(folder: Path, steps: int, seed: int = 0) -> None:
-    """A 4-layer Llama (hidden 256, FFN 768: every row a multiple of 32) trained on Lee background."""
+    """A 4-layer Llama (hidden 256, FFN 768: every row a multiple of 256, so the K-quants fit) trained on
+    Lee background."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_checkpoint())

@@ -83,7 +83,7 @@ class BlockGrid:
         if self.sub_scale_range is None:
             scales = _as_stored(scales, self.name)
             if self.kind == ZERO_POINT:
-                offsets = self._zero_points(blocks, scales)
+                offsets = self._zero_points(offsets, scales)
             elif offsets is not None:
                 offsets = _as_stored(offsets, self.name)
             return BlockFit(
@@ -118,8 +118,8 @@ class BlockGrid:
             return _search_scale_and_minimum(blocks, scale, low, high, self.highest)
         return scale, low
 
-    def _zero_points(self, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        low = blocks.amin(dim=1).clamp(max=0)
+    def _zero_points(self, low: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """The code of 0 in each block whose range starts at `low` (<= 0) with the stored `scales`."""
         safe = torch.where(scales == 0, torch.ones_like(scales), scales)
         middle = float((self.lowest + self.highest + 1) // 2)
         points = torch.where(scales == 0, torch.full_like(scales, middle), torch.round(-low / safe))

@@ -66,11 +66,7 @@ def _pack_q45_k(matrix: BlockCodes, supers: np.ndarray) -> np.ndarray:
     nibbles = ((runs[..., 0, :] & 0x0F) | ((runs[..., 1, :] & 0x0F) << 4)).astype(np.uint8).reshape(rows, count, -1)
     parts = [d, dmin, packed_scales]
     if matrix.grid == "Q5_K":
-        by_sub_block = supers.reshape(rows, count, 8, BLOCK)
-        fifth = np.zeros((rows, count, BLOCK), dtype=np.uint8)
-        for j in range(8):
-            fifth |= (((by_sub_block[:, :, j] >> 4) & 1) << j).astype(np.uint8)
-        parts.append(fifth)
+        parts.append(_bit_of_runs(supers, 4))
     return np.concatenate([*parts, nibbles], axis=2)
 
 
@@ -86,6 +82,17 @@ def _pack_q6_k(matrix: BlockCodes, supers: np.ndarray) -> np.ndarray:
         qh |= (high[..., t, :] << (2 * t)).astype(np.uint8)
     d = _halves(matrix.super_scales, rows)
     return np.concatenate([ql, qh.reshape(rows, count, 64), sub_scales, d], axis=2)
+
+
+def _bit_of_runs(supers: np.ndarray, bit: int) -> np.ndarray:
+    """32 bytes per super-block holding bit `bit` of every code: weight 32j + l at bit j of byte l
+    (Q5_K's fifth bits, Q3_K's third)."""
+    rows, count = supers.shape[:2]
+    runs = supers.reshape(rows, count, 8, BLOCK)
+    packed = np.zeros((rows, count, BLOCK), dtype=np.uint8)
+    for run in range(8):
+        packed |= (((runs[:, :, run] >> bit) & 1) << run).astype(np.uint8)
+    return packed
 
 
 def _crumbs(supers: np.ndarray) -> np.ndarray:
@@ -115,12 +122,9 @@ def _pack_q3_k(matrix: BlockCodes, supers: np.ndarray) -> np.ndarray:
     high = np.zeros((rows, count, 4), dtype=np.int32)
     for group in range(4):  # byte 8 + i, bits 2k: the high bits of sub-scale 4k + i
         high |= ((stored[..., 4 * group : 4 * group + 4] >> 4) & 0x03) << (2 * group)
-    by_bit = supers.reshape(rows, count, 8, BLOCK)  # weight 32j + l: bit j of byte l
-    hmask = np.zeros((rows, count, BLOCK), dtype=np.uint8)
-    for bit in range(8):
-        hmask |= (((by_bit[:, :, bit] >> 2) & 1) << bit).astype(np.uint8)
     scales = np.concatenate([low, high], axis=2).astype(np.uint8)
-    return np.concatenate([hmask, _crumbs(supers), scales, _halves(matrix.super_scales, rows)], axis=2)
+    d = _halves(matrix.super_scales, rows)
+    return np.concatenate([_bit_of_runs(supers, 2), _crumbs(supers), scales, d], axis=2)
 
 
 def _sub_integers(products: torch.Tensor, factors: torch.Tensor | None, rows: int, count: int) -> np.ndarray:

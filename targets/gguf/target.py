@@ -114,7 +114,7 @@ class GGUFTarget:
             convert_to_gguf(model, tokenizer, out, spec.quant_type, hints)
             _check_loads(out)
             gguf_imatrix: dict = {}
-            names: dict[str, str] = {}
+            keep: dict[str, str] = {}
         else:
             # The full-precision intermediate lies beside the artifact under a temporary name of its own.
             full_precision = out.parent / temp_name(f"{out.name}.f32")
@@ -145,7 +145,7 @@ class GGUFTarget:
                 full_precision.unlink(missing_ok=True)
         progress("measure", steps - 1, steps)
         reader = gguf.GGUFReader(out)  # parsing the header takes seconds on a real vocabulary: once
-        written = check_written_as_solved(reader, {names[name]: matrix.grid for name, matrix in codes.items()})
+        written = check_written_as_solved(reader, keep)
         mix = tensor_type_mix(reader)
         stage_seconds["convert" if unquantized else "quantize"] = time.perf_counter() - started
         result = ExportResult(

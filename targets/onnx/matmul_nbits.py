@@ -299,11 +299,8 @@ def pack_zero_points(points: np.ndarray, bits: int) -> np.ndarray:
     per_byte = 8 // bits
     rows, blocks = points.shape
     padded = np.zeros((rows, -(-blocks // per_byte) * per_byte), dtype=np.uint8)
-    padded[:, :blocks] = points.astype(np.uint8)
-    packed = np.zeros((rows, padded.shape[1] // per_byte), dtype=np.uint8)
-    for slot in range(per_byte):
-        packed |= padded[:, slot::per_byte] << np.uint8(bits * slot)
-    return packed.reshape(-1)
+    padded[:, :blocks] = points
+    return pack_blocks(padded, bits, padded.shape[1]).reshape(-1)  # one "block" per row
 
 
 def write_codes(model: Any, linear: dict[str, str], codes: Mapping[str, BlockCodes], progress: ProgressFn) -> None:
