@@ -284,6 +284,15 @@ def load_weights(source: ModelSource) -> LoadedModel:
     )
 
 
+def skeleton(config: PretrainedConfig) -> PreTrainedModel:
+    """The model's modules without weights (on the meta device): its layout, checked before any weight is read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
 def load_model(model: str | None = None, allow_pickle: bool = False) -> LoadedModel:
     """open_source + load_weights: the default model when `model` is None."""
     return load_weights(open_source(model, allow_pickle))

@@ -38,7 +38,6 @@ from srcr.evaluators.retention import SRCR_DEFINITION
 from srcr.evaluators.retention import srcr as srcr_score
 from srcr.exporter import manifest as manifests
 from srcr.exporter.calibration import (
-    DEFAULT_SEQ_LEN,
     CalibrationSet,
     TextSource,
     calibration_text,
@@ -46,14 +45,16 @@ from srcr.exporter.calibration import (
     load_calibration,
 )
 from srcr.exporter.evaluation import EvalInputs, EvalOptions, build_reference, eval_inputs, evaluate_artifact
-from srcr.exporter.models import LoadedModel, ModelSource, load_weights, open_source
+from srcr.exporter.models import LoadedModel, ModelSource, load_weights, open_source, skeleton
 from srcr.exporter.pruning import PruneReport, PruneSpec, check_prunable, parse_pattern, prune_model, validate_spec
+from srcr.exporter.pruning.driver import decoder_layers
 from srcr.exporter.pruning.registry import DEFAULT_METHOD
 from srcr.exporter.pruning.spec import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP
 from srcr.exporter.pruning.structured import (
     StructureReport,
     StructureSpec,
     check_fits,
+    check_layout,
     check_structure,
     prune_structure,
 )
@@ -274,16 +275,14 @@ def make_plan(
     source = open_source(options.model, options.allow_pickle)
     for spec in specs:
         target.check_model(source.config, spec)
+    layers = decoder_layers(skeleton(source.config))  # calibration walks them, whatever is pruned
     for setting in {setting_for(setting, spec) for setting in settings for spec in specs}:
-        check_prunable(source.config, setting.prune, options.seq_len or DEFAULT_SEQ_LEN)
+        check_prunable(source.config, setting.prune)
         if setting.structure.active:
+            check_layout(layers[0])
             check_fits(source.config, setting.structure)
             global_widths = setting.structure.width and setting.structure.allocation == "global"
-            if global_widths and not target.per_layer_widths(source.config):
-                raise SrcrError(
-                    f"--width-allocation global gives every layer its own widths, which the {target.name} target "
-                    f"cannot write for {source.config.model_type}; use --width-allocation uniform"
-                )
+            target.check_structure(source.config, setting.structure.drop_layers > 0, global_widths)
     return Plan(
         target=target,
         specs=specs,
@@ -468,7 +467,13 @@ def write_export(
                 spec,
                 artifact_tmp,
                 imatrix=pruned.report.imatrix,
-                hints={**loaded.hints, "artifact_name": paths.artifact.name},
+                hints={
+                    **loaded.hints,
+                    "artifact_name": paths.artifact.name,
+                    # for llama.cpp's converter: the tokenizer files as shipped, and the model's name
+                    "source_folder": str(loaded.path),
+                    "model_name": Path(loaded.source).name,
+                },
                 progress=progress,
                 codes=pruned.report.codes,
             )

@@ -21,6 +21,12 @@ export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLA
 # here that folder (srcr/) *is* the package, so the notice is noise.
 PYTHONWARNINGS="ignore::UserWarning" "${pip[@]}" install -q -e ".[dev]"
 
+# llama.cpp's own HF->GGUF converter, from the installed llama-cpp-python's source distribution (same
+# llama.cpp version): the GGUF target converts every family but llama, mistral and qwen2 with it.
+if ! .venv/bin/python -c "from srcr.targets.gguf.upstream import locate_converter; locate_converter()" 2>/dev/null; then
+    .venv/bin/python -m srcr.targets.gguf.upstream
+fi
+
 # onnxruntime and onnxruntime-gpu install into the same import folder; if something pulled in the
 # CPU-only package, remove it and restore the GPU build (which falls back to the CPU provider).
 if "${pip[@]}" show onnxruntime >/dev/null 2>&1; then

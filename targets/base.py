@@ -66,9 +66,9 @@ class Target(Protocol):
         """
         ...
 
-    def per_layer_widths(self, config: PretrainedConfig) -> bool:
-        """Whether the format can hold this model with decoder layers of different widths (structured
-        pruning's global allocation)."""
+    def check_structure(self, config: PretrainedConfig, drops_layers: bool, per_layer_widths: bool) -> None:
+        """Raise SrcrError when the format cannot hold this model after structured pruning: with layers
+        removed, or with decoder layers of different widths (the global width allocation)."""
         ...
 
     def width_multiple(self, spec: QuantSpec) -> int:

@@ -316,7 +316,7 @@ def test_a_model_whose_rows_do_not_fill_blocks_is_refused_from_its_config():
 
     config = LlamaConfig(hidden_size=80, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(SrcrError, match="multiple of Q4_0's 32-weight blocks"):
-        check_prunable(config, PruneSpec("sparsegpt", 0.0, grid="Q4_0"), 64)
+        check_prunable(config, PruneSpec("sparsegpt", 0.0, grid="Q4_0"))
 
 
 def test_sweep_crosses_quantizers_and_gives_each_gptq_type_its_own_pass(tmp_path, tiny_llama_dir):

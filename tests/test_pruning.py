@@ -105,9 +105,9 @@ def test_q_k_v_and_gate_up_share_one_accumulator():
     model = tiny_llama()
     ids = calibration_ids()
     with torch.no_grad():
-        inputs, kwargs = capture_layer_inputs(model, model.model.layers[0], ids, torch.device("cpu"))
+        inputs, kwargs = capture_layer_inputs(model, model.model.layers, ids, torch.device("cpu"))
         spec = PruneSpec(method="sparsegpt", sparsity=0.5)
-        groups = calibrate_layer(model.model.layers[0], inputs, kwargs, spec, SparseGPT)
+        groups = calibrate_layer(model.model.layers[0], inputs, kwargs[0], spec, SparseGPT)
     members = sorted(sorted(group.linears) for group in groups)
     assert members == [
         ["mlp.down_proj"],
@@ -403,13 +403,40 @@ def test_bad_calibration_ids_are_refused(ids):
         prune_model(tiny_llama(), ids, PruneSpec("wanda", 0.5))
 
 
-def test_mixed_sliding_and_full_attention_needs_samples_inside_the_window():
-    torch.manual_seed(0)
-    config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+def _mixed_attention_models():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    qwen = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    gemma = Gemma3TextConfig(
+        **{**TINY, "num_hidden_layers": 3},
+        head_dim=16,
+        sliding_window=16,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    return [(Qwen2ForCausalLM, qwen), (Gemma3ForCausalLM, gemma)]
+
+
+@pytest.mark.parametrize(("model_class", "config"), _mixed_attention_models(), ids=["qwen2", "gemma3"])
+def test_each_layer_runs_with_its_own_attention_type_past_the_window(model_class, config):
+    """Layer by layer with the caught arguments reproduces the model's own hidden states (the oracle) on
+    samples twice the sliding window: a sliding layer given the full layer's mask (or rotary tables)
+    would not."""
+    from srcr.exporter.pruning.driver import run_layer
+
     assert len(set(config.layer_types)) == 2
-    with pytest.raises(SrcrError, match="--seq-len 16"):
-        prune_model(Qwen2ForCausalLM(config).eval(), calibration_ids(seq_len=32), PruneSpec("wanda", 0.5))
-    report = prune_model(Qwen2ForCausalLM(config).eval(), calibration_ids(seq_len=16), PruneSpec("wanda", 0.5))
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    ids = calibration_ids(seq_len=32)
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True, use_cache=False).hidden_states
+        inputs, kwargs = capture_layer_inputs(model, model.model.layers, ids, torch.device("cpu"))
+        for index, layer in enumerate(model.model.layers):
+            inputs = run_layer(layer, inputs, kwargs[index])
+            # transformers reports the last layer's output after the final norm
+            last = index == len(model.model.layers) - 1
+            torch.testing.assert_close(model.model.norm(inputs) if last else inputs, expected[index + 1])
+    report = prune_model(model, ids, PruneSpec("wanda", 0.5))
     assert report.overall_sparsity == 0.5
 
 

@@ -126,12 +126,12 @@ def smollm_layer_inputs(default_checkpoint):
     ids = load_calibration(tokenizer, calibration_text(None, None), n_samples=8, seq_len=128, seed=0).input_ids
     layers = model.model.layers
     with torch.no_grad():
-        inputs, kwargs = capture_layer_inputs(model, layers[0], ids, torch.device("cpu"))
+        inputs, kwargs = capture_layer_inputs(model, layers, ids, torch.device("cpu"))
         captured = {0: inputs}
         for index in range(8):
-            inputs = run_layer(layers[index], inputs, kwargs)
+            inputs = run_layer(layers[index], inputs, kwargs[index])
         captured[8] = inputs
-    return {index: (layers[index], captured[index]) for index in captured}, kwargs
+    return {index: (layers[index], captured[index]) for index in captured}, kwargs[0]
 
 
 def linear_inputs(layer: nn.Module, inputs: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:

@@ -188,10 +188,10 @@ def smollm2_layer(default_checkpoint):
     tokenizer = AutoTokenizer.from_pretrained(default_checkpoint)
     calibration = load_calibration(tokenizer, calibration_text(None, None), 4, 256, seed=0).input_ids
     with torch.no_grad():
-        inputs, kwargs = capture_layer_inputs(model, model.model.layers[0], calibration, torch.device("cpu"))
+        inputs, kwargs = capture_layer_inputs(model, model.model.layers, calibration, torch.device("cpu"))
         for index in range(6):
-            inputs = run_layer(model.model.layers[index], inputs, kwargs)
-    return model.model.layers[6], inputs, kwargs
+            inputs = run_layer(model.model.layers[index], inputs, kwargs[index])
+    return model.model.layers[6], inputs, kwargs[6]
 
 
 # Measured on SmolLM2 (4 × 256 tokens of Lee background, a third of the FFN channels or one of three KV

@@ -1,7 +1,7 @@
 """Layer-by-layer calibration: the plumbing shared by every pruning method.
 
-The calibration tokens go through the embedding once; the inputs of decoder layer 0 (hidden
-states plus whatever keyword arguments the model passes its layers) are caught by a pre-hook.
+The calibration tokens go through the embedding once; the hidden states entering decoder layer 0,
+and the keyword arguments the model passes each layer, are caught with the layers bypassed.
 Then each decoder layer in turn is moved to the device, run over the calibration samples with
 every nn.Linear hooked to accumulate input statistics, pruned, run again (now pruned) to make
 the next layer's inputs, and moved back. Only one layer and its activations live on the device.
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 
 class _LayerInputsCaught(Exception):
-    """Stops the model's forward once decoder layer 0 has been reached."""
+    """Stops the model's forward once the last decoder layer has been reached."""
 
 
 def prune_model(
@@ -50,7 +50,7 @@ def prune_model(
     validate_spec(spec)
     _check_calibration(calib_ids)
     layers = decoder_layers(model)
-    check_prunable(model.config, spec, calib_ids.shape[1])
+    check_prunable(model.config, spec)
     pruning = spec.solves
     # GPTQ needs SparseGPT's Hessian even when nothing is pruned.
     method = method_class("sparsegpt" if spec.grid is not None else spec.method) if pruning else None
@@ -64,13 +64,13 @@ def prune_model(
     imatrix: dict[str, np.ndarray] = {}
     codes: dict[str, BlockCodes] = {}
     with torch.no_grad(), inference_setup(model):
-        inputs, layer_kwargs = capture_layer_inputs(model, layers[0], calib_ids, target)
+        inputs, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, target)
         for index, layer in enumerate(layers):
             home = _device_of(layer)
             layer.to(target)
             # Unpruned, the calibration pass already computes the next layer's inputs: keep them.
             outputs = None if pruning else torch.empty_like(inputs)
-            for group in calibrate_layer(layer, inputs, layer_kwargs, spec, method, outputs):
+            for group in calibrate_layer(layer, inputs, layer_kwargs[index], spec, method, outputs):
                 if group.method is not None:
                     group.method.prune()
                 for name, linear in group.linears.items():
@@ -83,7 +83,7 @@ def prune_model(
                     else:
                         pruned = linear.weight == 0
                     per_layer.append(_sparsity_row(index, full_name, pruned))
-            inputs = run_layer(layer, inputs, layer_kwargs) if outputs is None else outputs
+            inputs = run_layer(layer, inputs, layer_kwargs[index]) if outputs is None else outputs
             layer.to(home)
             progress(f"calibrate+prune layer {index + 1}/{len(layers)}", index + 1, len(layers))
         del inputs
@@ -113,40 +113,81 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def capture_layer_inputs(
-    model: nn.Module, first_layer: nn.Module, calib_ids: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Hidden states entering decoder layer 0 for every sample [n, seq, hidden] on `device`, and the
-    keyword arguments the model passes its layers (rotary cos/sin, mask, positions; one sample's).
+    model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Hidden states entering decoder layer 0 for every sample [n, seq, hidden] on `device`, and, per
+    layer, the keyword arguments the model passes it (rotary cos/sin, mask, positions; one sample's).
 
-    All samples have the same length and no padding, so those arguments are the same for every
-    sample and are kept once.
+    Models that mix attention types (Gemma 3's sliding and full layers, Qwen 2's max_window_layers) give
+    each layer the mask and rotary tables of its own type, so each layer's arguments are caught at its
+    own call. Meanwhile a stand-in takes each layer's place, records and returns its input, so catching
+    them costs no layer compute (nor runs the layers' hooks); the last one stops the forward before the
+    norm and the head.
+    All samples have the same length and no padding, so the arguments are kept once.
     """
-    caught: dict[str, Any] = {}
-
-    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught["hidden"] = hidden.detach()
-        caught["kwargs"] = {key: value for key, value in kwargs.items() if key != "hidden_states"}
-        raise _LayerInputsCaught
-
+    caught: dict[int, dict[str, Any]] = {}
+    hidden_states: list[torch.Tensor] = []
     model_device = next(model.parameters()).device
-    handle = first_layer.register_forward_pre_hook(catch, with_kwargs=True)
+    originals = list(layers)
+    for index, layer in enumerate(originals):
+        layers[index] = _Recorder(layer, index, index == len(originals) - 1, caught, hidden_states)
     inputs = None
-    layer_kwargs: dict[str, Any] = {}
     try:
         for sample in range(calib_ids.shape[0]):
             with suppress(_LayerInputsCaught):
                 model(calib_ids[sample : sample + 1].to(model_device), use_cache=False)
-            if "hidden" not in caught:
+            if not hidden_states:
                 raise SrcrError(f"{type(model).__name__} never called its first decoder layer; cannot calibrate")
-            hidden = caught.pop("hidden")
+            hidden = hidden_states.pop()
             if inputs is None:
                 inputs = torch.empty((calib_ids.shape[0], *hidden.shape[1:]), dtype=hidden.dtype, device=device)
-                layer_kwargs = _to_device(caught["kwargs"], device)
             inputs[sample] = hidden[0].to(device)
     finally:
-        handle.remove()
-    return inputs, layer_kwargs
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    if len(caught) != len(layers):
+        raise SrcrError(f"{type(model).__name__} skipped some decoder layers in its forward; cannot calibrate")
+    return inputs, _on_device(caught, len(layers), device)
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index` while its inputs are caught; other attributes are the layer's."""
+
+    def __init__(
+        self, layer: nn.Module, index: int, last: bool, caught: dict[int, dict[str, Any]], hidden: list
+    ) -> None:
+        super().__init__()
+        # Plain attributes, not submodules: the stand-in owns no parameters.
+        object.__setattr__(self, "layer", layer)
+        self.index, self.last, self.caught, self.hidden = index, last, caught, hidden
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "layer"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.index == 0:
+            self.hidden.append(hidden.detach())
+        self.caught.setdefault(self.index, {key: value for key, value in kwargs.items() if key != "hidden_states"})
+        if self.last:
+            raise _LayerInputsCaught
+        return hidden
+
+
+def _on_device(caught: dict[int, dict[str, Any]], count: int, device: torch.device) -> list[dict[str, Any]]:
+    # Layers of one attention type share the same mask and rotary tensors: move each distinct set once.
+    moved: dict[tuple, dict[str, Any]] = {}
+    per_layer = []
+    for index in range(count):
+        kwargs = caught[index]
+        key = tuple((name, id(value)) for name, value in kwargs.items())
+        if key not in moved:
+            moved[key] = _to_device(kwargs, device)
+        per_layer.append(moved[key])
+    return per_layer
 
 
 class Group:
@@ -247,7 +288,7 @@ def _check_calibration(calib_ids: torch.Tensor) -> None:
         raise SrcrError(f"calibration ids are {calib_ids.dtype}; pass token ids as torch.long")
 
 
-def check_prunable(config: PretrainedConfig, spec: PruneSpec, seq_len: int) -> None:
+def check_prunable(config: PretrainedConfig, spec: PruneSpec) -> None:
     """The model-dependent limits of a pruning request, from the config alone (before loading weights)."""
     if spec.pattern is not None:
         m = spec.pattern[1]
@@ -264,15 +305,6 @@ def check_prunable(config: PretrainedConfig, spec: PruneSpec, seq_len: int) -> N
                 f"{kind} has {columns} inputs, not a multiple of {spec.grid}'s {span}-weight blocks; "
                 f"use{legacy} --quantizer llama.cpp for this model"
             )
-    # Layer 0's keyword arguments serve every layer; a sliding-window layer's mask only equals a
-    # full-attention layer's when the samples fit in the window.
-    kinds = set(getattr(config, "layer_types", None) or [])
-    window = getattr(config, "sliding_window", None)
-    if len(kinds) > 1 and window is not None and seq_len > window:
-        raise SrcrError(
-            f"{getattr(config, 'model_type', 'this model')} mixes {' and '.join(sorted(kinds))} layers; "
-            f"calibrate with --seq-len {window} or less so one attention mask fits every layer"
-        )
 
 
 def _input_dims(config: PretrainedConfig) -> dict[str, int]:

@@ -18,7 +18,7 @@ from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.targets.base import DEFAULT_BITS, ExportResult, Imatrix, QuantSpec
 from srcr.targets.gguf.blocks import GGML_TYPES
-from srcr.targets.gguf.convert import architecture_spec, convert_to_gguf, rope_parameters
+from srcr.targets.gguf.convert import SUPPORTED_ARCHITECTURES, architecture_spec, convert_to_gguf, rope_parameters
 from srcr.targets.gguf.llama_log import check_vocab_loads
 from srcr.targets.gguf.quantize import (
     BITS_TO_TYPE,
@@ -29,6 +29,7 @@ from srcr.targets.gguf.quantize import (
     tensor_type_mix,
 )
 from srcr.targets.gguf.runtime import LlamaCppRuntime, gpu_layers_for
+from srcr.targets.gguf.upstream import check_supported, convert_with_llama_cpp, locate_converter
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -77,16 +78,39 @@ class GGUFTarget:
             name = BITS_TO_TYPE[bits]
         return QuantSpec(format=self.name, bits=nominal_bits(name), quant_type=name, options=options)
 
-    def per_layer_widths(self, config: PretrainedConfig) -> bool:
-        # Written as llama.cpp's `deci` architecture, which is Llama with per-layer widths.
-        return architecture_spec(config).gguf_arch == gguf.MODEL_ARCH.LLAMA
+    def check_structure(self, config: PretrainedConfig, drops_layers: bool, per_layer_widths: bool) -> None:
+        model_type = getattr(config, "model_type", None)
+        # Per-layer widths are written as llama.cpp's `deci` architecture: Llama with per-layer widths.
+        deci = writes_itself(config) and architecture_spec(config).gguf_arch == gguf.MODEL_ARCH.LLAMA
+        if per_layer_widths and not deci:
+            raise SrcrError(
+                f"--width-allocation global gives every layer its own widths, which the gguf target cannot write "
+                f"for {model_type}; use --width-allocation uniform"
+            )
+        if drops_layers and not writes_itself(config) and len(set(getattr(config, "layer_types", None) or [])) > 1:
+            raise SrcrError(
+                f"llama.cpp places {model_type}'s sliding-window layers by position, so after --drop-layers kept "
+                "layers would run with another layer's attention; drop --drop-layers or use --format onnx"
+            )
 
     def width_multiple(self, spec: QuantSpec) -> int:
         return block_width(spec.quant_type)
 
     def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:
-        architecture_spec(config)
-        rope_parameters(config)
+        if writes_itself(config):
+            architecture_spec(config)
+            rope_parameters(config)
+            return
+        model_type = getattr(config, "model_type", None)
+        if spec.grid is not None:
+            raise SrcrError(
+                f"--quantizer gptq writes GGUF through srcr's own writer ({', '.join(SUPPORTED_ARCHITECTURES)}); "
+                f"{model_type} goes through llama.cpp's converter: use --quantizer llama.cpp"
+            )
+        architecture = (getattr(config, "architectures", None) or [None])[0]
+        if architecture is None:
+            raise SrcrError(f"the config of this {model_type} model names no `architectures`; add it to config.json")
+        check_supported(locate_converter(), architecture, str(model_type))
 
     def export(
         self,
@@ -111,7 +135,7 @@ class GGUFTarget:
         stage_seconds: dict[str, float] = {}
         started = time.perf_counter()
         if unquantized:
-            convert_to_gguf(model, tokenizer, out, spec.quant_type, hints)
+            _, converter = convert(model, tokenizer, out, spec.quant_type, hints)
             _check_loads(out)
             gguf_imatrix: dict = {}
             keep: dict[str, str] = {}
@@ -119,11 +143,15 @@ class GGUFTarget:
             # The full-precision intermediate lies beside the artifact under a temporary name of its own.
             full_precision = out.parent / temp_name(f"{out.name}.f32")
             try:
-                names = convert_to_gguf(model, tokenizer, full_precision, "F32", hints, codes)
+                names, converter = convert(model, tokenizer, full_precision, "F32", hints, codes)
                 _check_loads(full_precision)
                 # With GPTQ codes the importance matrix is left out: it covers only the decoder's matrices,
-                # which are quantized already and pinned to their type (`keep`).
-                gguf_imatrix = {} if codes else imatrix_by_gguf_name(imatrix or {}, names)
+                # which are quantized already and pinned to their type (`keep`). llama.cpp's converter may
+                # fuse or reshape some matrices; only those it wrote as they were carry their importance.
+                usable = dict(imatrix or {})
+                if converter != SRCR_WRITER:
+                    usable = {name: values for name, values in usable.items() if name in names}
+                gguf_imatrix = {} if codes else imatrix_by_gguf_name(usable, names)
                 keep = {names[name]: matrix.grid for name, matrix in codes.items()}
                 ftype = GPTQ_LLAMA_CPP_FTYPE.get(spec.quant_type, spec.quant_type) if codes else spec.quant_type
                 stage_seconds["convert"] = time.perf_counter() - started
@@ -167,6 +195,7 @@ class GGUFTarget:
                 "gguf_version": gguf.GGUF_VERSION,
                 "llama_cpp_python": llama_cpp.__version__,
                 "gguf_py": importlib.metadata.version("gguf"),
+                "converter": converter,
             },
             stage_seconds={name: round(seconds, 3) for name, seconds in stage_seconds.items()},
         )
@@ -175,6 +204,30 @@ class GGUFTarget:
 
     def open_runtime(self, artifact: Path, device: str = "auto") -> LlamaCppRuntime:
         return LlamaCppRuntime(Path(artifact), n_gpu_layers=gpu_layers_for(device))
+
+
+SRCR_WRITER = "srcr (targets/gguf/convert.py)"
+
+
+def writes_itself(config: PretrainedConfig) -> bool:
+    """Whether srcr's own writer converts this family; every other goes through llama.cpp's converter."""
+    return getattr(config, "model_type", None) in SUPPORTED_ARCHITECTURES
+
+
+def convert(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    file_type: str,
+    hints: Mapping[str, object] | None,
+    codes: Mapping[str, BlockCodes] | None = None,
+) -> tuple[dict[str, str], str]:
+    """The model as an F32/F16 GGUF: ({HF weight name: GGUF tensor name}, which converter wrote it)."""
+    if writes_itself(model.config):
+        return convert_to_gguf(model, tokenizer, out, file_type, hints, codes), SRCR_WRITER
+    if codes:
+        raise SrcrError("GPTQ codes can only be written by srcr's own GGUF writer")
+    return convert_with_llama_cpp(model, tokenizer, out, file_type, hints)
 
 
 def check_written_as_solved(reader: gguf.GGUFReader, solved: Mapping[str, str]) -> dict[str, str]:

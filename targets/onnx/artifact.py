@@ -56,6 +56,7 @@ class ModelFacts:
     kv_heads: int | list[int]  # one count, or one per layer
     head_dim: int
     architecture: str
+    context_length: int | None = None  # the longest sequence the graph computes exactly (length-dependent RoPE)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -74,7 +75,8 @@ class ModelFacts:
                 f"the artifact's model facts are malformed ({where}: {first['msg']}); re-export it"
             ) from None
         counts = facts.kv_heads if isinstance(facts.kv_heads, list) else [facts.kv_heads] * facts.layers
-        if min(facts.vocab_size, facts.layers, facts.head_dim, *counts) < 1 or len(counts) != facts.layers:
+        sizes = [facts.vocab_size, facts.layers, facts.head_dim, *counts, facts.context_length or 1]
+        if min(sizes) < 1 or len(counts) != facts.layers:
             raise SrcrError("the artifact's model facts hold a non-positive or inconsistent size; re-export it")
         return dataclasses.replace(facts, kv_heads=counts)
 

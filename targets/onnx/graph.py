@@ -90,7 +90,10 @@ def _cache_wrapper(model: Any) -> Any:
             self.decoder = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):  # noqa: ANN001, ANN202
-            cache = DynamicCache(config=self.decoder.config)
+            # Full-length layers only: a config-built cache trims sliding-window layers to the window, a
+            # branch the short trace would freeze; a full layer plus the model's own sliding mask attends
+            # to the same keys, at the cost of keeping the older ones.
+            cache = DynamicCache()
             for layer in range(len(past) // 2):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
             out = self.decoder(
@@ -137,6 +140,48 @@ def _tracing_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
+def rope_context_limit(config: Any) -> int | None:
+    """The longest sequence the traced graph computes exactly, when the model's RoPE depends on length.
+
+    Longrope (Phi-3.5, Phi-4-mini) switches to its long factors past `original_max_position_embeddings`,
+    and dynamic NTK rescales past `max_position_embeddings`; the trace records the short-sequence branch,
+    so the artifact is exact up to that length and its runtime refuses longer sequences.
+    """
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    per_layer_type = bool(params) and all(isinstance(value, dict) for value in params.values())
+    settings = list(params.values()) if per_layer_type else [params]
+    limits = []
+    for rope in settings:
+        kind = str(rope.get("rope_type") or rope.get("type") or "default")
+        if kind == "longrope":
+            limits.append(int(rope.get("original_max_position_embeddings") or config.original_max_position_embeddings))
+        elif "dynamic" in kind:
+            limits.append(int(rope.get("original_max_position_embeddings") or config.max_position_embeddings))
+    return min(limits) if limits else None
+
+
+@contextlib.contextmanager
+def _short_sequence_rope(model: Any) -> Iterator[None]:
+    """Length-dependent RoPE traced as its short-sequence case: rotary modules report a static type (their
+    update writes a buffer in place, which the exporter cannot express) and start from their original
+    frequencies; everything comes back afterwards."""
+    saved = []
+    for module in model.modules():
+        rope_type, original = getattr(module, "rope_type", None), getattr(module, "original_inv_freq", None)
+        if not isinstance(rope_type, str) or original is None or not hasattr(module, "inv_freq"):
+            continue
+        if rope_type == "longrope" or "dynamic" in rope_type:
+            saved.append((module, rope_type, module.inv_freq.clone()))
+            module.rope_type = "default"
+            module.inv_freq.copy_(original)
+    try:
+        yield
+    finally:
+        for module, rope_type, inv_freq in saved:
+            module.rope_type = rope_type
+            module.inv_freq.copy_(inv_freq)
+
+
 def export_decoder(model: Any, onnx_path: Path) -> Any:
     """Trace `model` (fp32) to `onnx_path` (external data beside it if large); return the loaded ModelProto."""
     import onnx
@@ -144,7 +189,7 @@ def export_decoder(model: Any, onnx_path: Path) -> Any:
 
     shape = CacheShape.of(model)
     layers = shape.layers
-    with _tracing_mode(model), torch.no_grad(), warnings.catch_warnings():
+    with _tracing_mode(model), _short_sequence_rope(model), torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python branch on tensor shapes; the trace inputs are chosen so
         # that the general branch is the one recorded.
         warnings.simplefilter("ignore")

@@ -109,6 +109,10 @@ class OrtRuntime(DecoderRuntime):
     def vocab_size(self) -> int:
         return self.facts.vocab_size
 
+    @property
+    def context_length(self) -> int | None:
+        return self.facts.context_length
+
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 

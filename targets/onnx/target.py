@@ -40,8 +40,8 @@ class ONNXTarget:
         require_onnxruntime()
         return specs.resolve(bits, quant_type, options)
 
-    def per_layer_widths(self, config: PretrainedConfig) -> bool:
-        return True  # the cache inputs take each layer's own KV head count
+    def check_structure(self, config: PretrainedConfig, drops_layers: bool, per_layer_widths: bool) -> None:
+        return None  # the cache inputs take each layer's own KV head count; layer_types follow the layers
 
     def width_multiple(self, spec: QuantSpec) -> int:
         return int(spec.options.get("block_size") or 1)
@@ -163,7 +163,7 @@ def _bits_per_weight(sizes: dict[str, int], counts: dict[str, int], quantized: Q
 def _model_facts(model: Any, tokenizer: Any) -> Any:
     from srcr.targets.hf_tokens import end_of_sequence_ids, prepended_bos
     from srcr.targets.onnx.artifact import ModelFacts
-    from srcr.targets.onnx.graph import CacheShape
+    from srcr.targets.onnx.graph import CacheShape, rope_context_limit
 
     shape = CacheShape.of(model)
     return ModelFacts(
@@ -174,6 +174,7 @@ def _model_facts(model: Any, tokenizer: Any) -> Any:
         kv_heads=shape.per_layer(),
         head_dim=shape.head_dim,
         architecture=type(model).__name__,
+        context_length=rope_context_limit(model.config),
     )
 
 

@@ -8,5 +8,14 @@ from srcr.exporter.pruning.structured.spec import (
     check_fits,
     check_structure,
 )
+from srcr.exporter.pruning.structured.surgery import check_layout
 
-__all__ = ["LayerWidths", "StructureReport", "StructureSpec", "check_fits", "check_structure", "prune_structure"]
+__all__ = [
+    "LayerWidths",
+    "check_layout",
+    "StructureReport",
+    "StructureSpec",
+    "check_fits",
+    "check_structure",
+    "prune_structure",
+]

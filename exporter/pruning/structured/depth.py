@@ -56,7 +56,7 @@ def sleb_order(
     ids = ids[:samples, :SLEB_TOKENS]
     layers = model.model.layers
     device = next(model.parameters()).device
-    first, layer_kwargs = capture_layer_inputs(model, layers[0], ids, device)
+    first, layer_kwargs = capture_layer_inputs(model, layers, ids, device)
     removed: list[int] = []
     losses: list[float] = []
     for step in range(count):
@@ -64,13 +64,13 @@ def sleb_order(
         entering, hidden = {}, first
         for index in kept:
             entering[index] = hidden
-            hidden = run_layer(layers[index], hidden, layer_kwargs)
+            hidden = run_layer(layers[index], hidden, layer_kwargs[index])
         best, best_loss = None, float("inf")
         for position, candidate in enumerate(kept):
             progress(f"sleb: step {step + 1}/{count}", position, len(kept))
             hidden = entering[candidate]
             for index in kept[position + 1 :]:
-                hidden = run_layer(layers[index], hidden, layer_kwargs)
+                hidden = run_layer(layers[index], hidden, layer_kwargs[index])
             loss = _loss_from_hidden(model, hidden, ids)
             if loss < best_loss:
                 best, best_loss = candidate, loss

@@ -86,12 +86,12 @@ def prune_structure(
 def _block_influence(
     model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor, target: torch.device, progress: ProgressFn
 ) -> list[float]:
-    inputs, layer_kwargs = capture_layer_inputs(model, layers[0], calib_ids, target)
+    inputs, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, target)
     scores = []
     for index, layer in enumerate(layers):
         home = next(layer.parameters()).device
         layer.to(target)
-        outputs = run_layer(layer, inputs, layer_kwargs)
+        outputs = run_layer(layer, inputs, layer_kwargs[index])
         layer.to(home)
         scores.append(depth.block_influence(inputs, outputs))
         inputs = outputs
@@ -103,7 +103,7 @@ def _width_statistics(
     model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor, target: torch.device, progress: ProgressFn
 ) -> list[dict[str, width.ChannelStatistics]]:
     """Per layer: the statistics of o_proj's and down_proj's inputs, on the dense propagation."""
-    inputs, layer_kwargs = capture_layer_inputs(model, layers[0], calib_ids, target)
+    inputs, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, target)
     collected = []
     for index, layer in enumerate(layers):
         home = next(layer.parameters()).device
@@ -117,7 +117,7 @@ def _width_statistics(
             layer.mlp.down_proj.register_forward_pre_hook(_recorder(statistics["ffn"])),
         ]
         try:
-            inputs = run_layer(layer, inputs, layer_kwargs)
+            inputs = run_layer(layer, inputs, layer_kwargs[index])
         finally:
             for handle in handles:
                 handle.remove()
