@@ -145,6 +145,7 @@ class DistributionReference:
             token_logprobs.append(rows[np.arange(len(targets)), targets].astype(np.float64))
         progress("perplexity windows", len(self.windows), len(self.windows))
         kl_all = np.concatenate(kl)
+        base_nll = -self.token_logprobs.astype(np.float64).reshape(len(self.windows), per_window).sum(-1)
         figures = {
             "perplexity": {
                 "base": self.base_perplexity,
@@ -158,6 +159,14 @@ class DistributionReference:
                 "max": float(kl_all.max()),
             },
             "top1_agreement": float(np.concatenate(agree).mean()),
+            # per window, for intervals (evaluators.uncertainty); evaluate() moves them out
+            "items": {
+                "window_kl": [float(values.mean()) for values in kl],
+                "window_agreement": [float(values.mean()) for values in agree],
+                "window_nll": [float(-values.sum()) for values in token_logprobs],
+                "base_window_nll": base_nll.tolist(),
+                "tokens_per_window": per_window,
+            },
         }
         timing = {"tokens": int(self.windows.shape[0] * (self.windows.shape[1] - 1)), "seconds": seconds}
         return figures, timing

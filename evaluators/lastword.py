@@ -114,7 +114,12 @@ class LastWordReference:
 
     def score(self, runtime: Runtime, progress: ProgressFn = no_progress) -> dict:
         correct = _accuracy(runtime, self.items, "last word", progress)
-        return {"acc": float(correct.mean()), "base_acc": self.base_accuracy, "n": len(self.items)}
+        return {
+            "acc": float(correct.mean()),
+            "base_acc": self.base_accuracy,
+            "n": len(self.items),
+            "items": {"last_word": correct.tolist(), "base_last_word": self.base_correct.tolist()},
+        }
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         context_values, context_offsets = pack_ragged([item.context for item in self.items])

@@ -98,26 +98,32 @@ class MultipleChoiceReference:
 
     def accuracies(self, logliks: np.ndarray) -> tuple[float, float]:
         """(acc, acc_norm) of the choices these log-likelihoods pick."""
+        correct, correct_norm = self.correct(logliks)
+        return float(correct.mean()), float(correct_norm.mean())
+
+    def correct(self, logliks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per item, whether the raw and the length-normalized pick is the answer."""
         normalized = logliks / self.choice_chars
         spans = zip(self.choice_offsets[:-1], self.choice_offsets[1:], strict=True)
         picks = [(np.argmax(logliks[a:b]), np.argmax(normalized[a:b])) for a, b in spans]
-        acc = np.mean([pick == answer for (pick, _), answer in zip(picks, self.answers, strict=True)])
-        acc_norm = np.mean([pick == answer for (_, pick), answer in zip(picks, self.answers, strict=True)])
-        return float(acc), float(acc_norm)
+        correct = np.array([pick == answer for (pick, _), answer in zip(picks, self.answers, strict=True)])
+        correct_norm = np.array([pick == answer for (_, pick), answer in zip(picks, self.answers, strict=True)])
+        return correct, correct_norm
 
     def score(self, runtime: Runtime, progress: ProgressFn = no_progress) -> dict:
         # A sequence's last token is only a target: it indexes the logits without passing the runtime's check.
         for sequence in self.sequences:
             check.within_vocabulary("sequences", np.asarray(sequence), runtime.vocab_size)
-        acc, acc_norm = self.accuracies(self.logliks(runtime, "multiple choice", progress))
-        base_acc, base_acc_norm = self.accuracies(self.base_logliks)
+        correct, correct_norm = self.correct(self.logliks(runtime, "multiple choice", progress))
+        base_correct, base_correct_norm = self.correct(self.base_logliks)
         return {
-            "acc": acc,
-            "acc_norm": acc_norm,
-            "base_acc": base_acc,
-            "base_acc_norm": base_acc_norm,
+            "acc": float(correct.mean()),
+            "acc_norm": float(correct_norm.mean()),
+            "base_acc": float(base_correct.mean()),
+            "base_acc_norm": float(base_correct_norm.mean()),
             "chance": self.chance,
             "n": len(self.answers),
+            "items": {"choice": correct_norm.tolist(), "base_choice": base_correct_norm.tolist()},
         }
 
     def to_arrays(self) -> dict[str, np.ndarray]:

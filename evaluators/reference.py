@@ -29,6 +29,7 @@ from srcr.base.files import atomic_path
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.runtime import Runtime
 from srcr.evaluators.distribution import DistributionReference, token_windows
+from srcr.evaluators.harness import HarnessReference, HarnessRequest
 from srcr.evaluators.lastword import LastWordReference
 from srcr.evaluators.multiple_choice import MultipleChoiceReference
 from srcr.evaluators.retention import (
@@ -39,6 +40,7 @@ from srcr.evaluators.retention import (
     semantic_retention_score,
 )
 from srcr.evaluators.semantic import Embedder, SemanticReference
+from srcr.evaluators.uncertainty import ItemScores, intervals
 
 PACK_FORMAT = "srcr-reference/v1"
 MAX_PACK_BYTES = 2 << 30  # uncompressed; SmolLM2's default pack is 1.6 MB, a 128k-vocabulary model's ~10 MB
@@ -243,6 +245,7 @@ def build_reference_pack(
     mc_tasks: Sequence[dict[str, Any]] | None,
     embedder: Embedder,
     progress: ProgressFn = no_progress,
+    harness: HarnessRequest | None = None,
 ) -> ReferencePack:
     """Run the base model over every evaluator's inputs once and keep what scoring needs."""
     settings.validate()
@@ -270,8 +273,11 @@ def build_reference_pack(
         "eval_text_sha256": hashlib.sha256(eval_text.encode("utf-8")).hexdigest(),
         "prompt_format": semantic.prompt_format,
         "srcr_definition": SRCR_DEFINITION,
-        "build_seconds": round(time.perf_counter() - started, 1),
     }
+    if harness is not None:
+        base_tasks = HarnessReference.build(base, bos_id, harness.tasks, harness.include_path, harness.limit, progress)
+        meta["harness"] = base_tasks.to_meta()
+    meta["build_seconds"] = round(time.perf_counter() - started, 1)
     return ReferencePack(settings, distribution, semantic, last_word, multiple_choice, meta)
 
 
@@ -293,13 +299,38 @@ def evaluate(
         mc = pack.multiple_choice.score(runtime, progress)
         figures["multiple_choice"] = mc
         retention["multiple_choice"] = accuracy_retention(mc["acc_norm"], mc["base_acc_norm"], mc["chance"])
+    if "harness" in pack.meta:
+        bos_id = pack.meta.get("bos_token_id")
+        if bos_id is not None and not (isinstance(bos_id, int) and 0 <= bos_id < runtime.vocab_size):
+            raise SrcrError("the reference pack's bos_token_id is not a token of this model; rebuild the pack")
+        tasks = HarnessReference.from_meta(pack.meta["harness"]).score(runtime, bos_id, progress)
+        figures["harness"] = tasks
+        for name, task in tasks.items():
+            retention[f"lm_eval.{name}"] = accuracy_retention(task["acc"], task["base_acc"], task["chance"])
     figures["retention"] = retention
     figures["sr"] = semantic_retention_score(retention)
+    items = item_scores(figures)
+    figures["items"] = items.to_dict()
+    figures["intervals"] = intervals(items)
     figures["speed"] = {
         "prompt_tokens_per_s": _rate(prompt_timing),
         "generation_tokens_per_s": _rate(generation_timing),
     }
     return figures
+
+
+def item_scores(figures: dict[str, Any]) -> ItemScores:
+    """Collect (and remove) each evaluator's per-item scores from its figures."""
+    parts: dict[str, Any] = dict(figures.pop("items"))
+    parts.update(figures["semantic"].pop("items"))
+    for section in ("last_word", "multiple_choice"):
+        if section in figures:
+            parts.update(figures[section].pop("items"))
+    if "multiple_choice" in figures:
+        parts["chance"] = figures["multiple_choice"]["chance"]
+    if "harness" in figures:
+        parts["tasks"] = {name: task.pop("items") for name, task in figures["harness"].items()}
+    return ItemScores.from_dict({**parts, "chance": parts.get("chance", 0.0)})
 
 
 def _rate(timing: dict) -> float | None:

@@ -110,6 +110,7 @@ class SemanticReference:
         similarity = (embeddings * self.base_embeddings).sum(-1).astype(np.float64)
         worst = np.argsort(similarity, kind="stable")[:n_worst]
         figures = {
+            "items": {"similarity": similarity.tolist()},
             "mean": float(similarity.mean()),
             "min": float(similarity.min()),
             "identical": float(np.mean([a == b for a, b in zip(generations, self.base_tokens, strict=True)])),

@@ -242,6 +242,9 @@ def export(
     top_k: Annotated[
         int | None, typer.Option(help="Reference pack: top-k log-probabilities kept per position (default 128).")
     ] = None,
+    lm_eval_tasks: Annotated[str | None, typer.Option(help=LM_EVAL_TASKS_HELP)] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option(help=LM_EVAL_INCLUDE_HELP)] = None,
+    lm_eval_limit: Annotated[int | None, typer.Option(help=LM_EVAL_LIMIT_HELP)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
     allow_pickle: Annotated[
         bool, typer.Option(help="Allow pickled .bin weights (they can run code: only for sources you trust).")
@@ -306,6 +309,9 @@ def export(
                 last_word_items=last_word_items,
                 new_tokens=new_tokens,
                 builtin_prompts=builtin_prompts,
+                lm_eval_tasks=_task_names(lm_eval_tasks),
+                lm_eval_include=lm_eval_include,
+                lm_eval_limit=lm_eval_limit,
             ),
         )
         with stage_progress(console, interrupts) as progress:
@@ -331,6 +337,20 @@ def _parse_tolerances(items: list[str]) -> dict[str, float]:
     return tolerances
 
 
+LM_EVAL_TASKS_HELP = (
+    "lm-evaluation-harness tasks run on the artifact and on the dense model, comma-separated (e.g. "
+    "arc_easy,hellaswag); each adds its accuracy and retention to the manifest and to Sr. Needs "
+    "pip install 'srcr[lm-eval]' and the tasks' datasets (downloaded by lm-eval, or local task files)."
+)
+LM_EVAL_INCLUDE_HELP = "A folder of your own lm-eval task files (YAML; local JSON/JSONL data works offline)."
+LM_EVAL_LIMIT_HELP = "Items per lm-eval task (default: all); a quick look, with wider intervals."
+
+
+def _task_names(text: str | None) -> list[str] | None:
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    return names or None
+
+
 @app.command()
 def verify(
     manifest: Annotated[Path, typer.Argument(help="The <name>.manifest.json written by srcr export.")],
@@ -339,6 +359,13 @@ def verify(
         typer.Option(help="Override a tolerance, NAME=VALUE (repeatable); see docs/verify.md for names."),
     ] = None,
     device: Annotated[str, typer.Option(help="Runtime device: auto, cpu or cuda.")] = "auto",
+    tolerance_mode: Annotated[
+        str,
+        typer.Option(
+            help="drift: |measured - recorded| within the tolerance (same items, so only runtime drift counts); "
+            "interval: measured inside the manifest's 95% interval widened by the tolerance. See docs/verify.md."
+        ),
+    ] = "drift",
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
 ) -> None:
     """Re-measure an exported artifact on this device and compare with its manifest (exit 1 on drift)."""
@@ -348,11 +375,12 @@ def verify(
     with user_errors(console) as interrupts:
         limits = _parse_tolerances(tolerance or [])
         with stage_progress(console, interrupts) as progress:
-            outcome = run_verify(manifest, limits, device=device, progress=progress)
+            outcome = run_verify(manifest, limits, device=device, progress=progress, mode=tolerance_mode)
     speed = outcome.measured.get("speed", {})
     if as_json:
         payload = {
             "passed": outcome.passed,
+            "tolerance_mode": tolerance_mode,
             "checks": [check.__dict__ for check in outcome.checks],
             "speed": speed,
             "peak_rss_mb": outcome.peak_rss_mb,
@@ -361,16 +389,22 @@ def verify(
         typer.echo(json.dumps(payload, indent=2, default=str))
     else:
         table = Table(title=f"srcr verify: {outcome.manifest.name}", title_justify="left")
-        for header in ("figure", "manifest", "measured", "drift", "tolerance", ""):
+        limit_header = "accepted range" if tolerance_mode == "interval" else "tolerance"
+        for header in ("figure", "manifest", "measured", "drift", limit_header, ""):
             table.add_column(header, justify="right" if header not in ("figure", "") else "left")
         for check in outcome.checks:
             status = "[green]ok[/]" if check.ok else "[bold red]DRIFT[/]"
+            limit = (
+                f"{check.accepted[0]:.4f}–{check.accepted[1]:.4f}"
+                if check.accepted is not None
+                else _fmt(check.tolerance, ".4f")
+            )
             table.add_row(
                 check.name,
                 _fmt(check.expected, ".4f"),
                 _fmt(check.measured, ".4f"),
                 _fmt(check.drift, "+.4f"),
-                _fmt(check.tolerance, ".4f"),
+                limit,
                 status,
             )
         out = stdout_console()
@@ -468,6 +502,8 @@ def common_name_prefix(names: list[str]) -> str:
 
 
 def sweep_tables(summary: SweepSummary) -> list[Table]:
+    from srcr.exporter.sweep_report import difference_text
+
     prefix = common_name_prefix([record["name"] for record in summary.records])
     title = (
         "srcr sweep (sorted by SrCr; ◆ Pareto front by TCr, ◇ by bytes, ▲ by prompt tokens/s; retention per evaluator)"
@@ -509,7 +545,8 @@ def sweep_tables(summary: SweepSummary) -> list[Table]:
             style=style,
         )
     equal = Table(title="joint vs quantization-only at equal TCr", title_justify="left")
-    for header in ("TCr", "quantization only", "Sr", "pruning + quantization", "Sr", "joint vs quant-only"):
+    headers = ("TCr", "quantization only", "Sr", "pruning + quantization", "Sr", "joint vs quant-only", "ΔSr 95%")
+    for header in headers:
         equal.add_column(header)
     for row in summary.equal_tcr:
         equal.add_row(
@@ -519,6 +556,7 @@ def sweep_tables(summary: SweepSummary) -> list[Table]:
             row["joint"].removeprefix(prefix),
             f"{row['joint_sr']:.4f}",
             _fmt(row["relative_difference"], "+.2%"),
+            difference_text(row["difference"]),
         )
     return [table, equal]
 
@@ -573,6 +611,9 @@ def sweep(
     last_word_items: Annotated[int | None, typer.Option(help="Last-word accuracy items (default 100).")] = None,
     new_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per prompt (default 32).")] = None,
     builtin_prompts: Annotated[bool, typer.Option(help="Include the built-in prompts.")] = True,
+    lm_eval_tasks: Annotated[str | None, typer.Option(help=LM_EVAL_TASKS_HELP)] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option(help=LM_EVAL_INCLUDE_HELP)] = None,
+    lm_eval_limit: Annotated[int | None, typer.Option(help=LM_EVAL_LIMIT_HELP)] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (trusted sources only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the records and recommendation as JSON.")] = False,
 ) -> None:
@@ -610,6 +651,9 @@ def sweep(
                 last_word_items=last_word_items,
                 new_tokens=new_tokens,
                 builtin_prompts=builtin_prompts,
+                lm_eval_tasks=_task_names(lm_eval_tasks),
+                lm_eval_include=lm_eval_include,
+                lm_eval_limit=lm_eval_limit,
             ),
         )
         with stage_progress(console, interrupts) as progress:
@@ -625,6 +669,7 @@ def sweep(
             "equal_tcr": summary.equal_tcr,
             "recommended": summary.recommended["name"],
             "recommendation": summary.sentence,
+            "tie": None if summary.tie is None else {"name": summary.tie["name"], **summary.tie["tie"]},
             "report": str(report),
         }
         typer.echo(json.dumps(payload, indent=2))

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from srcr.base.errors import SrcrError
+from srcr.evaluators.uncertainty import ItemScores, paired_difference
 from srcr.exporter.manifest import Manifest, read_manifest
 
 
@@ -31,6 +32,7 @@ class Column:
     value: Callable[[dict[str, Any]], Any]
     fmt: str = "{}"
     better: str | None = None  # "high" | "low" | None (not ranked)
+    interval: str | None = None  # the figure's name in `evaluation.intervals`, when it has one
 
 
 def _pruning_label(manifest: dict[str, Any]) -> str:
@@ -59,16 +61,68 @@ COLUMNS: tuple[Column, ...] = (
     Column("mb", "MB", lambda m: (_get(m, "artifact", "bytes") or 0) / 1e6 or None, "{:.1f}", "low"),
     Column("tcr", "TCr", lambda m: _get(m, "compression", "tcr"), "{:.4f}", "high"),
     Column("actual", "actual CR", lambda m: _get(m, "compression", "actual"), "{:.3f}", "high"),
-    Column("ppl", "ppl", lambda m: _get(m, "evaluation", "perplexity", "compressed"), "{:.2f}", "low"),
-    Column("kld", "KLD", lambda m: _get(m, "evaluation", "kld", "mean"), "{:.4f}", "low"),
-    Column("top1", "top-1", lambda m: _get(m, "evaluation", "top1_agreement"), "{:.1%}", "high"),
-    Column("semantic", "semantic", lambda m: _get(m, "evaluation", "semantic", "mean"), "{:.3f}", "high"),
-    Column("task", "last-word acc", _task_accuracy, "{:.1%}", "high"),
-    Column("sr", "Sr", lambda m: m.get("sr"), "{:.4f}", "high"),
+    Column("ppl", "ppl", lambda m: _get(m, "evaluation", "perplexity", "compressed"), "{:.2f}", "low", "perplexity"),
+    Column("kld", "KLD", lambda m: _get(m, "evaluation", "kld", "mean"), "{:.4f}", "low", "kld_mean"),
+    Column("top1", "top-1", lambda m: _get(m, "evaluation", "top1_agreement"), "{:.1%}", "high", "top1_agreement"),
+    Column(
+        "semantic", "semantic", lambda m: _get(m, "evaluation", "semantic", "mean"), "{:.3f}", "high", "semantic_mean"
+    ),
+    Column("task", "last-word acc", _task_accuracy, "{:.1%}", "high", "last_word_acc"),
+    Column("sr", "Sr", lambda m: m.get("sr"), "{:.4f}", "high", "sr"),
     Column("srcr", "SrCr", lambda m: m.get("srcr"), "{:.4f}", "high"),
     Column("tok_s", "gen tok/s", _tokens_per_second, "{:.1f}", "high"),
 )
 COLUMN_KEYS = tuple(column.key for column in COLUMNS)
+# Per row besides the columns: each interval as [low, high], and Sr's paired difference to the best row.
+INTERVAL_KEYS = tuple(f"{column.key}_interval" for column in COLUMNS if column.interval) + ("srcr_interval",)
+ROW_KEYS = (*COLUMN_KEYS, *INTERVAL_KEYS, "sr_vs_best")
+
+
+def _intervals(manifest: dict[str, Any]) -> dict[str, Any]:
+    found = _get(manifest, "evaluation", "intervals") or {}
+    row = {f"{column.key}_interval": found.get(column.interval) for column in COLUMNS if column.interval}
+    row["srcr_interval"] = manifest.get("srcr_interval")
+    return row
+
+
+def _item_scores(manifest: Manifest) -> ItemScores | None:
+    evaluation = manifest.evaluation
+    if evaluation is None or evaluation.items is None:
+        return None
+    try:
+        return ItemScores.from_dict(evaluation.items.model_dump())
+    except ValueError as error:
+        raise SrcrError(f"{manifest.name}'s per-item scores are inconsistent ({error}); re-export it") from None
+
+
+def sr_against_best(typed: list[Manifest]) -> list[dict[str, Any] | None]:
+    """Per manifest: its Sr minus the best Sr among them, with the paired 95% interval, when both were
+    scored on the same items (one reference pack); None where that cannot be told."""
+    scored = [(manifest, _item_scores(manifest)) for manifest in typed]
+    candidates = [(m, items) for m, items in scored if items is not None and m.sr is not None]
+    if not candidates:
+        return [None] * len(typed)
+    best, best_items = max(candidates, key=lambda pair: pair[0].sr)
+    pack = best.evaluation.reference_pack.sha256
+    results: list[dict[str, Any] | None] = []
+    for manifest, items in scored:
+        if items is None or manifest.sr is None or manifest.evaluation.reference_pack.sha256 != pack:
+            results.append(None)
+            continue
+        if manifest is best:
+            results.append({"best": True, "value": 0.0, "low": 0.0, "high": 0.0, "significant": False})
+            continue
+        difference = paired_difference(items, best_items, "sr")
+        results.append(
+            {
+                "best": False,
+                "value": difference.value,
+                "low": difference.low,
+                "high": difference.high,
+                "significant": difference.significant,
+            }
+        )
+    return results
 
 
 def base_row(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +154,11 @@ def rows_for(typed: list[Manifest], sort: str | None) -> list[dict[str, Any]]:
     if not typed:
         raise SrcrError("no manifests to compare; pass one or more <name>.manifest.json files")
     manifests = [manifest.as_dict() for manifest in typed]
-    rows = [{column.key: column.value(m) for column in COLUMNS} for m in manifests]
+    versus = sr_against_best(typed)
+    rows = [
+        {**{column.key: column.value(m) for column in COLUMNS}, **_intervals(m), "sr_vs_best": against}
+        for m, against in zip(manifests, versus, strict=True)
+    ]
     if sort:
         column = next(c for c in COLUMNS if c.key == sort)
         present = [row for row in rows if row[sort] is not None]
@@ -108,6 +166,7 @@ def rows_for(typed: list[Manifest], sort: str | None) -> list[dict[str, Any]]:
         present.sort(key=lambda row: row[sort], reverse=column.better != "low")
         rows = present + missing
     base = {column.key: column.value(base_row(manifests[0])) for column in COLUMNS}
+    base.update({key: None for key in INTERVAL_KEYS}, sr_vs_best=None)
     return [base, *rows]
 
 
@@ -122,6 +181,7 @@ def render_table(rows: list[dict[str, Any]], title: str = "srcr compare") -> Tab
     table = Table(title=title, header_style="bold")
     for column in COLUMNS:
         table.add_column(column.header, justify="left" if column.better is None else "right")
+    table.add_column("Sr vs best (95%)", justify="right")
     best = {column.key: _best(rows, column) for column in COLUMNS}
     for index, row in enumerate(rows):
         cells = []
@@ -131,16 +191,39 @@ def render_table(rows: list[dict[str, Any]], title: str = "srcr compare") -> Tab
             text = "-" if value is None else escape(column.fmt.format(value))
             if index > 0 and value is not None and value == best[column.key]:
                 text = f"[bold green]{text}[/]"
+            interval = row.get(f"{column.key}_interval")
+            if interval is not None:
+                text += f"\n[dim]{escape(column.fmt.format(interval[0]))}–{escape(column.fmt.format(interval[1]))}[/]"
             cells.append(text)
+        cells.append(_versus_cell(row.get("sr_vs_best")))
         table.add_row(*cells, style="dim" if index == 0 else None)
     return table
 
 
+def _versus_cell(versus: dict[str, Any] | None) -> str:
+    if versus is None:
+        return "-"
+    if versus["best"]:
+        return "best"
+    text = f"{versus['value']:+.4f}\n[dim]{versus['low']:+.4f}…{versus['high']:+.4f}[/]"
+    return text if versus["significant"] else f"{text}\n[yellow]tie[/]"
+
+
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMN_KEYS))
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMN_KEYS, "sr_low", "sr_high", "sr_vs_best", "sr_vs_best_tie"])
     writer.writeheader()
-    writer.writerows(rows)
+    for row in rows:
+        sr_interval, versus = row.get("sr_interval") or [None, None], row.get("sr_vs_best")
+        writer.writerow(
+            {
+                **{key: row[key] for key in COLUMN_KEYS},
+                "sr_low": sr_interval[0],
+                "sr_high": sr_interval[1],
+                "sr_vs_best": None if versus is None else versus["value"],
+                "sr_vs_best_tie": None if versus is None or versus["best"] else not versus["significant"],
+            }
+        )
     return buffer.getvalue()
 
 

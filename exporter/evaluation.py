@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from srcr.base.errors import SrcrError
 from srcr.base.progress import ProgressFn
+from srcr.evaluators.harness import HarnessRequest
 from srcr.evaluators.reference import EvalSettings, ReferencePack
 from srcr.exporter.calibration import TextSource, evaluation_text
 from srcr.exporter.models import LoadedModel
@@ -29,6 +31,9 @@ class EvalOptions:
     last_word_items: int | None = None
     new_tokens: int | None = None
     builtin_prompts: bool = True
+    lm_eval_tasks: list[str] | None = None  # lm-evaluation-harness task names
+    lm_eval_include: Path | None = None  # a folder of the user's lm-eval task files
+    lm_eval_limit: int | None = None  # items per task (None: all)
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class EvalInputs:
     text: TextSource
     prompts: list[dict[str, str]]
     tasks: list[dict[str, Any]] | None
+    harness: HarnessRequest | None = None
 
 
 def eval_settings(options: EvalOptions) -> EvalSettings:
@@ -61,7 +67,22 @@ def eval_inputs(options: EvalOptions) -> EvalInputs:
         text=evaluation_text(options.eval_text, options.eval_encoding),
         prompts=load_prompts(options.prompts, include_builtin=options.builtin_prompts),
         tasks=load_mc_tasks(options.tasks) if options.tasks else None,
+        harness=harness_request(options),
     )
+
+
+def harness_request(options: EvalOptions) -> HarnessRequest | None:
+    """The lm-eval tasks asked for, every name checked against lm-eval's index now (seconds, not hours)."""
+    from srcr.evaluators.harness import check_tasks
+
+    if not options.lm_eval_tasks:
+        if options.lm_eval_include is not None or options.lm_eval_limit is not None:
+            raise SrcrError("--lm-eval-include and --lm-eval-limit need --lm-eval-tasks; name the tasks")
+        return None
+    if options.lm_eval_limit is not None and options.lm_eval_limit < 1:
+        raise SrcrError(f"--lm-eval-limit {options.lm_eval_limit} must be at least 1 item per task")
+    check_tasks(options.lm_eval_tasks, options.lm_eval_include)
+    return HarnessRequest(list(options.lm_eval_tasks), options.lm_eval_include, options.lm_eval_limit)
 
 
 def build_reference(loaded: LoadedModel, inputs: EvalInputs, device: str, progress: ProgressFn) -> ReferencePack:
@@ -73,8 +94,9 @@ def build_reference(loaded: LoadedModel, inputs: EvalInputs, device: str, progre
 
     with TorchRuntime.borrowing(loaded.model, loaded.tokenizer, device) as base:
         pack = build_reference_pack(
-            base, inputs.settings, inputs.text.text, inputs.prompts, inputs.tasks, load_embedder(), progress
-        )
+            base, inputs.settings, inputs.text.text, inputs.prompts, inputs.tasks, load_embedder(), progress,
+            inputs.harness,
+        )  # fmt: skip
     pack.meta["eval_text"] = {
         "source": str(inputs.text.path),
         "sha256": inputs.text.sha256,

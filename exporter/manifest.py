@@ -215,6 +215,44 @@ class EvalText(Section):
     encoding: str
 
 
+NonNegative = Annotated[float, Field(ge=0.0)]
+Interval = Annotated[list[float], Field(min_length=2, max_length=2)]  # [low, high], 95%
+
+
+class TaskItems(Section):
+    scores: list[Fraction]
+    base_scores: list[Fraction]
+    chance: Fraction
+
+
+class HarnessTask(Section):
+    """One lm-eval task on the artifact: its per-item metric's mean, and the base model's on the same items."""
+
+    metric: str
+    acc: Fraction
+    base_acc: Fraction
+    n: Count
+    chance: Fraction
+
+
+class Items(Section):
+    """Per-item scores of the artifact and the base on the same items (evaluators.uncertainty.ItemScores):
+    what intervals and paired differences between manifests are computed from."""
+
+    window_kl: list[NonNegative]
+    window_agreement: list[Fraction]
+    window_nll: list[NonNegative]
+    base_window_nll: list[NonNegative]
+    tokens_per_window: Annotated[int, Field(ge=1, le=1 << 40)]
+    similarity: list[Cosine]
+    last_word: list[bool] | None = None
+    base_last_word: list[bool] | None = None
+    choice: list[bool] | None = None
+    base_choice: list[bool] | None = None
+    chance: Fraction = 0.0
+    tasks: dict[str, TaskItems] | None = None  # lm-eval tasks, by name
+
+
 class Evaluation(Section):
     eval_text: EvalText | None = None
     perplexity: Perplexity
@@ -223,12 +261,15 @@ class Evaluation(Section):
     semantic: Semantic
     last_word: LastWord | None = None
     multiple_choice: MultipleChoice | None = None
+    harness: dict[str, HarnessTask] | None = None  # lm-evaluation-harness tasks run on the artifact
     retention: dict[str, Fraction | None]
     sr: Fraction
     speed: Speed
     runtime: dict[str, Any]  # what the runtime reported about itself (backend, threads, buffer types)
     reference_pack: ReferencePackFile
     settings: dict[str, Any]  # the evaluation settings the pack was built with (evaluators.reference.EvalSettings)
+    items: Items | None = None  # absent in manifests of srcr before 0.4
+    intervals: dict[str, Interval] | None = None  # figure -> 95% bootstrap interval over items
 
 
 class Device(Section):
@@ -257,6 +298,7 @@ class Manifest(Section):
     sr: Fraction | None = None
     srcr: float | None = None
     sr_actual: float | None = None
+    srcr_interval: Interval | None = None  # Sr's interval times TCr
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=False) + "\n"

@@ -1,17 +1,35 @@
 """Choosing among compressed configurations: Pareto fronts, constrained picks, equal-TCr comparisons.
 
-Pure functions over plain records ({"name", "sr", "tcr", "bytes", "sparsity", ...}) so they are
-tested on constructed points and reused by the table and the HTML report.
+Pure functions over plain records ({"name", "sr", "tcr", "bytes", "sparsity", "pack", ...}) so they
+are tested on constructed points and reused by the table and the HTML report. Where two records'
+per-item scores are given (`items`, by name) and they were scored on the same items (one reference
+pack), a difference between them comes with its paired 95% interval and is called a tie when the
+interval holds zero.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from srcr.base.errors import SrcrError
+from srcr.evaluators.uncertainty import ItemScores, paired_difference
 
 Record = dict[str, Any]
+Items = Mapping[str, ItemScores]
+
+
+def difference(first: Record, second: Record, items: Items | None, objective: str = "sr") -> Record | None:
+    """`objective` (sr or srcr) of `first` minus `second`, with its paired interval and whether it is
+    significant; None when the two were not scored on the same items."""
+    if not items or first["name"] not in items or second["name"] not in items:
+        return None
+    if first.get("pack") is None or first.get("pack") != second.get("pack"):
+        return None
+    scales = (first["tcr"], second["tcr"]) if objective == "srcr" else (1.0, 1.0)
+    found = paired_difference(items[first["name"]], items[second["name"]], "sr", scales)
+    return {"value": found.value, "low": found.low, "high": found.high, "significant": found.significant}
 
 
 def is_joint(record: Record) -> bool:
@@ -61,7 +79,7 @@ def recommend(records: list[Record], budget_mb: float | None = None, min_retenti
     return max(scored, key=lambda r: (r["srcr"], r["sr"]))
 
 
-def equal_tcr_comparison(records: list[Record], digits: int = 6) -> list[Record]:
+def equal_tcr_comparison(records: list[Record], digits: int = 6, items: Items | None = None) -> list[Record]:
     """For each TCr reached both by quantization alone and by pruning + quantization, the best Sr of each."""
     levels: dict[float, dict[str, list[Record]]] = defaultdict(lambda: {"quant_only": [], "joint": []})
     for record in records:
@@ -84,9 +102,29 @@ def equal_tcr_comparison(records: list[Record], digits: int = 6) -> list[Record]
                 "joint": joint["name"],
                 "joint_sr": joint["sr"],
                 "relative_difference": (joint["sr"] - quant["sr"]) / quant["sr"] if quant["sr"] else None,
+                # joint minus quantization-only Sr, paired over the items: a tie when its interval holds 0
+                "difference": difference(joint, quant, items),
             }
         )
     return rows
+
+
+def break_tie(
+    chosen: Record, records: list[Record], items: Items | None, objective: str
+) -> tuple[Record, Record | None]:
+    """(the pick, the rival it could not be told from): when the runner-up by `objective` is within the
+    items' noise of the pick, the smaller file of the two is the pick; the rival carries the difference."""
+    rivals = [r for r in records if r.get(objective) is not None and r["name"] != chosen["name"]]
+    if not rivals:
+        return chosen, None
+    runner_up = max(rivals, key=lambda r: (r[objective], -r["bytes"]))
+    found = difference(chosen, runner_up, items, objective)
+    if found is None or found["significant"]:
+        return chosen, None
+    if runner_up["bytes"] < chosen["bytes"]:  # the tie is stated as the pick minus the rival
+        found = {**found, "value": -found["value"], "low": -found["high"], "high": -found["low"]}
+        chosen, runner_up = runner_up, chosen
+    return chosen, {**runner_up, "tie": {**found, "objective": objective}}
 
 
 def no_smaller_unpruned(record: Record, records: list[Record]) -> Record | None:
@@ -103,7 +141,11 @@ def no_smaller_unpruned(record: Record, records: list[Record]) -> Record | None:
 
 
 def recommendation_sentence(
-    record: Record, budget_mb: float | None, min_retention: float | None, records: list[Record] | None = None
+    record: Record,
+    budget_mb: float | None,
+    min_retention: float | None,
+    records: list[Record] | None = None,
+    tie: Record | None = None,
 ) -> str:
     if budget_mb is not None:
         goal = f"the highest Sr within {budget_mb:g} MB"
@@ -115,6 +157,14 @@ def recommendation_sentence(
         f"Recommended for {goal}: {record['name']} (Sr {record['sr']:.4f}, TCr {record['tcr']:.4f}, "
         f"SrCr {record['srcr']:.4f}, {record['bytes'] / 1e6:.1f} MB)"
     )
+    if tie is not None:
+        found = tie["tie"]
+        name = "SrCr" if found["objective"] == "srcr" else "Sr"
+        sentence += (
+            f"; it cannot be told apart from {tie['name']} ({tie['bytes'] / 1e6:.1f} MB: {name} difference "
+            f"{found['value']:+.4f}, 95% interval {found['low']:+.4f} to {found['high']:+.4f}), so the "
+            "smaller file is recommended"
+        )
     rival = no_smaller_unpruned(record, records or [])
     if rival is not None:
         sentence += (

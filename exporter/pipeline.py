@@ -544,6 +544,9 @@ def build_manifest(
             "sr": sr,
             "srcr": srcr_score(sr, pruned.prune_spec.target_sparsity, spec.bits, removed) if sr is not None else None,
             "sr_actual": sr * actual if sr is not None else None,
+            "srcr_interval": [bound * tcr_value for bound in evaluation["intervals"]["sr"]]
+            if evaluation is not None
+            else None,
         }
     )
 

@@ -17,6 +17,7 @@ from srcr.base.errors import SrcrError
 from srcr.base.files import sha256_of, write_json
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.evaluators.reference import ReferencePack
+from srcr.evaluators.uncertainty import ItemScores
 from srcr.exporter.evaluation import EvalOptions
 from srcr.exporter.manifest import Manifest, read_manifest
 from srcr.exporter.pipeline import (
@@ -96,7 +97,7 @@ def _is_done(folder: Path, manifest_file: Path, reference_sha: str) -> Manifest 
 def _sweep_identity(plan: Plan, options: SweepOptions) -> dict[str, Any]:
     """What must match for an existing sweep folder to be resumed rather than refused."""
     evaluation = options.evaluation
-    return {
+    identity = {
         "model_weights_sha256": plan.source.weights_sha256,
         "format": options.format,
         "method": options.prune.method,
@@ -116,6 +117,13 @@ def _sweep_identity(plan: Plan, options: SweepOptions) -> dict[str, Any]:
         "builtin_prompts": evaluation.builtin_prompts,
         "target_options": options.target_options,
     }
+    if evaluation.lm_eval_tasks:  # only then: sweep folders of earlier versions keep resuming
+        identity["lm_eval"] = {
+            "tasks": list(evaluation.lm_eval_tasks),
+            "include": str(evaluation.lm_eval_include) if evaluation.lm_eval_include else None,
+            "limit": evaluation.lm_eval_limit,
+        }
+    return identity
 
 
 def _load_index(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
@@ -254,9 +262,23 @@ def sweep_records(manifests: list[Manifest]) -> list[dict[str, Any]]:
                 "kld": evaluation.kld.mean if evaluation else None,
                 "tok_s": evaluation.speed.prompt_tokens_per_s if evaluation else None,
                 "ppl": evaluation.perplexity.compressed if evaluation else None,
+                "sr_interval": evaluation.intervals.get("sr") if evaluation and evaluation.intervals else None,
+                "pack": evaluation.reference_pack.sha256 if evaluation else None,
             }
         )
     return records
+
+
+def sweep_items(manifests: list[Manifest]) -> dict[str, ItemScores]:
+    """Per-item scores by configuration name, for paired differences (manifests that carry them)."""
+    found = {}
+    for manifest in manifests:
+        if manifest.evaluation is not None and manifest.evaluation.items is not None:
+            try:
+                found[manifest.name] = ItemScores.from_dict(manifest.evaluation.items.model_dump())
+            except ValueError as error:
+                raise SrcrError(f"{manifest.name}'s per-item scores are inconsistent ({error}); re-run it") from None
+    return found
 
 
 @dataclass
@@ -267,6 +289,7 @@ class SweepSummary:
     recommended: dict[str, Any]
     sentence: str
     equal_tcr: list[dict[str, Any]]
+    tie: dict[str, Any] | None = None  # the rival the recommendation could not be told apart from
     # Sr against prompt tokens/s measured in the runtime (meaningful on an idle machine only)
     front_speed: set[str] = field(default_factory=set)
 
@@ -274,18 +297,24 @@ class SweepSummary:
 def summarize(
     manifests: list[Manifest], budget_mb: float | None = None, min_retention: float | None = None
 ) -> SweepSummary:
-    from srcr.exporter.pareto import equal_tcr_comparison, pareto_front, recommend, recommendation_sentence
+    from srcr.exporter.pareto import break_tie, equal_tcr_comparison, pareto_front, recommend, recommendation_sentence
 
     records = sweep_records(manifests)
+    items = sweep_items(manifests)
     chosen = recommend(records, budget_mb, min_retention)
+    tie = None
+    if min_retention is None:  # that pick maximizes TCr, which has no noise
+        candidates = records if budget_mb is None else [r for r in records if r["bytes"] <= budget_mb * 1e6]
+        chosen, tie = break_tie(chosen, candidates, items, "sr" if budget_mb is not None else "srcr")
     return SweepSummary(
         records=records,
         front_tcr=pareto_front(records, "tcr"),
         front_bytes=pareto_front(records, "bytes", higher_is_better=False),
         front_speed=pareto_front([record for record in records if record["tok_s"]], "tok_s"),
         recommended=chosen,
-        sentence=recommendation_sentence(chosen, budget_mb, min_retention, records),
-        equal_tcr=equal_tcr_comparison(records),
+        sentence=recommendation_sentence(chosen, budget_mb, min_retention, records, tie),
+        equal_tcr=equal_tcr_comparison(records, items=items),
+        tie=tie,
     )
 
 

@@ -69,6 +69,14 @@ def _retention_bars(recommended: Record, quant_only: Record | None) -> str:
     return uri
 
 
+def difference_text(found: Record | None) -> str:
+    """A paired difference as '+0.0123 [+0.0040, +0.0210]', marked 'tie' when its interval holds zero."""
+    if found is None:
+        return "-"
+    text = f"{found['value']:+.4f} [{found['low']:+.4f}, {found['high']:+.4f}]"
+    return text if found["significant"] else f"{text} tie"
+
+
 def _table(headers: list[str], rows: list[list[str]], highlight: set[int] | None = None) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = []
@@ -114,6 +122,7 @@ def render_report(
             row["joint"],
             f"{row['joint_sr']:.4f}",
             "-" if row["relative_difference"] is None else f"{row['relative_difference']:+.2%}",
+            difference_text(row.get("difference")),
         ]
         for row in equal_tcr
     ]
@@ -142,7 +151,10 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
 <h2>Figures</h2>{images}
 <h2>Joint vs quantization-only at equal TCr</h2>
 {
-        _table(["TCr", "quantization only", "Sr", "pruning + quantization", "Sr", "joint vs quant-only"], equal_rows)
+        _table(
+            ["TCr", "quantization only", "Sr", "pruning + quantization", "Sr", "joint vs quant-only", "ΔSr (95%)"],
+            equal_rows,
+        )
         if equal_rows
         else "<p>No TCr level was reached by both kinds of configuration.</p>"
     }

@@ -57,22 +57,29 @@ def verify(
     tolerances: dict[str, float] | None = None,
     device: str = "auto",
     progress: ProgressFn = no_progress,
+    mode: str = "drift",
 ) -> VerifyOutcome:
     from srcr.evaluators.embedder import load_embedder
     from srcr.evaluators.reference import ReferencePack, evaluate
-    from srcr.evaluators.tolerances import DEFAULT_TOLERANCES, compare_figures
+    from srcr.evaluators.tolerances import DEFAULT_TOLERANCES, MODES, TASK_TOLERANCE, compare_figures
 
-    unknown = set(tolerances or {}) - set(DEFAULT_TOLERANCES)
-    if unknown:
-        raise SrcrError(
-            f"unknown tolerance {sorted(unknown)[0]!r}; choose among: {', '.join(sorted(DEFAULT_TOLERANCES))}"
-        )
-    limits = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    if mode not in MODES:
+        raise SrcrError(f"unknown --tolerance-mode {mode!r}; choose {' or '.join(MODES)}")
+
     manifest = read_manifest(manifest_path)
+    # Each lm-eval task of the manifest is checked like a multiple-choice accuracy.
+    tasks = manifest.evaluation.harness if manifest.evaluation is not None else None
+    known = {**DEFAULT_TOLERANCES, **{f"harness.{name}.acc": TASK_TOLERANCE for name in tasks or {}}}
+    unknown = set(tolerances or {}) - set(known)
+    if unknown:
+        raise SrcrError(f"unknown tolerance {sorted(unknown)[0]!r}; choose among: {', '.join(sorted(known))}")
+    limits = {**known, **(tolerances or {})}
     folder = Path(manifest_path).parent
     evaluation = manifest.evaluation
     if evaluation is None:
         raise SrcrError("this manifest has no evaluation figures (exported with --no-eval); re-export without it")
+    if mode == "interval" and not evaluation.intervals:
+        raise SrcrError("this manifest has no intervals (an older srcr wrote it); use --tolerance-mode drift")
     target = get_target(manifest.format)
     artifact = _check_file(folder, manifest.artifact.file, manifest.artifact.sha256, "artifact")
     pack_entry = evaluation.reference_pack
@@ -85,5 +92,8 @@ def verify(
         measured["runtime"] = runtime.info()
     finally:
         runtime.close()
-    checks = compare_figures(evaluation.model_dump(mode="json"), measured, limits)
+    intervals = evaluation.intervals if mode == "interval" else None
+    if intervals is not None:
+        intervals = {**intervals, **{f"harness.{name}.acc": intervals.get(f"lm_eval.{name}") for name in tasks or {}}}
+    checks = compare_figures(evaluation.model_dump(mode="json"), measured, limits, intervals)
     return VerifyOutcome(manifest=manifest, checks=checks, measured=measured, peak_rss_mb=peak_rss_bytes() / (1 << 20))

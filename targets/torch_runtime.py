@@ -100,6 +100,7 @@ class TorchRuntime(DecoderRuntime):
             "device": str(self.device),
             "dtype": "float32",
             "bos_token_id": prepended_bos(self.tokenizer),
+            "eos_token_id": self.tokenizer.eos_token_id,
         }
 
     def close(self) -> None:

@@ -154,6 +154,31 @@ def test_identical_model_retains_everything(identity_figures):
     json.dumps(figures)
 
 
+def test_per_item_scores_reproduce_every_figure_and_bound_it(heavy_figures):
+    """The items a manifest keeps give back the evaluators' own figures (computed from tokens, prompts and
+    items directly), and each figure's interval holds it."""
+    from srcr.evaluators.uncertainty import ItemScores
+
+    figures = heavy_figures
+    recomputed = ItemScores.from_dict(figures["items"]).figures()
+    expected = {
+        "kld_mean": figures["kld"]["mean"],
+        "perplexity": figures["perplexity"]["compressed"],
+        "top1_agreement": figures["top1_agreement"],
+        "semantic_mean": figures["semantic"]["mean"],
+        "last_word_acc": figures["last_word"]["acc"],
+        "multiple_choice_acc_norm": figures["multiple_choice"]["acc_norm"],
+        "sr": figures["sr"],
+        **{f"retention.{name}": value for name, value in figures["retention"].items()},
+    }
+    for name, value in expected.items():
+        assert recomputed.get(name) == (value if value is None else pytest.approx(value, rel=1e-9, abs=1e-12)), name
+        if value is not None:
+            low, high = figures["intervals"][name]
+            assert low <= value <= high, name
+    assert figures["intervals"]["sr"][1] - figures["intervals"]["sr"][0] > 0
+
+
 def expected_sr(figures: dict) -> float:
     """Sr recomputed from the evaluation's own figures by docs/metrics.md, independently of retention.py:
     each retention clipped to [0, 1], the mean over the evaluators that have a signal."""

@@ -158,6 +158,10 @@ class LlamaCppRuntime(DecoderRuntime):
             "cpu_extra_buffer_types": list(self.cpu_buffers.available),
             "extra_buffer_types_used": self.cpu_buffers.use_extra_buffers,
             "extra_buffer_types_reason": self.cpu_buffers.reason,
+            # the BOS llama.cpp opens a text with, if its vocabulary says to add one
+            "bos_token_id": int(capi.llama_vocab_bos(self._vocab))
+            if capi.llama_vocab_get_add_bos(self._vocab)
+            else None,
         }
 
     def close(self) -> None:

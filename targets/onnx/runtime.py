@@ -159,6 +159,7 @@ class OrtRuntime(DecoderRuntime):
             "intra_op_threads": self.threads,
             "opset": self.format_info.get("opset"),
             "bos_token_id": self.facts.bos_token_id,
+            "eos_token_id": self.facts.eos_token_ids[0] if self.facts.eos_token_ids else None,
             "quantization": self.quantization.get("quant_type"),
         }
 
