@@ -502,7 +502,7 @@ def common_name_prefix(names: list[str]) -> str:
 
 
 def sweep_tables(summary: SweepSummary) -> list[Table]:
-    from srcr.exporter.sweep_report import difference_text
+    from srcr.exporter.sweep_report import difference_text, interval_text
 
     prefix = common_name_prefix([record["name"] for record in summary.records])
     title = (
@@ -518,7 +518,7 @@ def sweep_tables(summary: SweepSummary) -> list[Table]:
     )
     headers = ("configuration", "quant", "MB", "TCr", "actual", "KLD", "ppl", "semantic", "last-word")
     shortened = [record["name"].removeprefix(prefix) for record in summary.records]
-    for header in (*headers, "Sr", "SrCr", "front"):
+    for header in (*headers, "Sr", "Sr 95%", "SrCr", "front"):
         justify = "left" if header in ("configuration", "quant") else "right"
         # Names are how files are found: narrow terminals squeeze the figures, never the names.
         min_width = max(map(len, shortened), default=0) if header == "configuration" else None
@@ -540,6 +540,7 @@ def sweep_tables(summary: SweepSummary) -> list[Table]:
             _fmt(record["kld"], ".4f"),
             *(_fmt(retention.get(name), ".3f") for name in ("perplexity", "semantic", "last_word")),
             _fmt(record["sr"], ".4f"),
+            interval_text(record.get("sr_interval")),
             _fmt(record["srcr"], ".4f"),
             marks,
             style=style,

@@ -121,7 +121,8 @@ def break_tie(
     found = difference(chosen, runner_up, items, objective)
     if found is None or found["significant"]:
         return chosen, None
-    if runner_up["bytes"] < chosen["bytes"]:  # the tie is stated as the pick minus the rival
+    # Tied: the smaller file, or at equal size the higher Sr (the tie is stated as the pick minus the rival).
+    if (runner_up["bytes"], -runner_up["sr"]) < (chosen["bytes"], -chosen["sr"]):
         found = {**found, "value": -found["value"], "low": -found["high"], "high": -found["low"]}
         chosen, runner_up = runner_up, chosen
     return chosen, {**runner_up, "tie": {**found, "objective": objective}}
@@ -162,8 +163,12 @@ def recommendation_sentence(
         name = "SrCr" if found["objective"] == "srcr" else "Sr"
         sentence += (
             f"; it cannot be told apart from {tie['name']} ({tie['bytes'] / 1e6:.1f} MB: {name} difference "
-            f"{found['value']:+.4f}, 95% interval {found['low']:+.4f} to {found['high']:+.4f}), so the "
-            "smaller file is recommended"
+            f"{found['value']:+.4f}, 95% interval {found['low']:+.4f} to {found['high']:+.4f}), so "
+            + (
+                "the smaller file is recommended"
+                if tie["bytes"] != record["bytes"]
+                else "of two equal files the one with the higher Sr is recommended"
+            )
         )
     rival = no_smaller_unpruned(record, records or [])
     if rival is not None:

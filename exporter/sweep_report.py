@@ -69,6 +69,13 @@ def _retention_bars(recommended: Record, quant_only: Record | None) -> str:
     return uri
 
 
+ALL_HEADERS = ["name", "sparsity", "quant", "MB", "TCr", "actual CR", "KLD", "Sr", "Sr 95%", "SrCr", "Pareto"]
+
+
+def interval_text(interval: list[float] | None) -> str:
+    return "-" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
 def difference_text(found: Record | None) -> str:
     """A paired difference as '+0.0123 [+0.0040, +0.0210]', marked 'tie' when its interval holds zero."""
     if found is None:
@@ -108,6 +115,7 @@ def render_report(
             f"{r['actual']:.3f}",
             "-" if r["kld"] is None else f"{r['kld']:.4f}",
             f"{r['sr']:.4f}",
+            interval_text(r.get("sr_interval")),
             f"{r['srcr']:.4f}",
             ("TCr " if r["name"] in front_tcr else "") + ("bytes" if r["name"] in front_bytes else ""),
         ]
@@ -159,6 +167,12 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
         else "<p>No TCr level was reached by both kinds of configuration.</p>"
     }
 <h2>All configurations (sorted by SrCr; Pareto-front rows shaded)</h2>
-{_table(["name", "sparsity", "quant", "MB", "TCr", "actual CR", "KLD", "Sr", "SrCr", "Pareto"], table_rows, front_rows)}
+{
+        _table(
+            ["name", "sparsity", "quant", "MB", "TCr", "actual CR", "KLD", "Sr", "Sr 95%", "SrCr", "Pareto"],
+            table_rows,
+            front_rows,
+        )
+    }
 </body></html>
 """

@@ -186,3 +186,35 @@ def test_onnx_export_verifies_and_compares_beside_gguf(tiny_export, tiny_llama_d
     rows = json.loads(result.stdout)
     assert [row["format"] for row in rows[1:]] == ["gguf", "onnx"]
     assert rows[1]["tcr"] == rows[2]["tcr"] == pytest.approx(0.75)
+
+
+def test_compare_tells_a_paired_difference_from_a_tie(tiny_export, tmp_path):
+    """Two manifests on one reference pack: a copy whose generations are all a little less similar is
+    worse by a difference whose paired interval excludes zero; an identical copy ties."""
+    from srcr.evaluators.uncertainty import ItemScores
+
+    out, manifest = tiny_export
+    assert (
+        manifest["evaluation"]["intervals"]["sr"][0] <= manifest["sr"] <= manifest["evaluation"]["intervals"]["sr"][1]
+    )
+    worse = json.loads(json.dumps(manifest))
+    worse["name"] = "worse"
+    items = worse["evaluation"]["items"]
+    items["similarity"] = [max(-1.0, value - 0.05) for value in items["similarity"]]
+    worse["sr"] = ItemScores.from_dict(items).figures()["sr"]
+    same = {**json.loads(json.dumps(manifest)), "name": "same"}
+    paths = []
+    for data in (manifest, worse, same):
+        path = tmp_path / f"{data['name']}.manifest.json"
+        path.write_text(json.dumps(data))
+        paths.append(str(path))
+    result = runner.invoke(app, ["compare", *paths, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)[1:]}
+    assert rows["worse"]["sr_vs_best"]["significant"] and rows["worse"]["sr_vs_best"]["high"] < 0
+    best = next(name for name in ("tiny", "same") if rows[name]["sr_vs_best"]["best"])
+    other = "same" if best == "tiny" else "tiny"
+    assert rows[other]["sr_vs_best"]["value"] == 0.0 and not rows[other]["sr_vs_best"]["significant"]
+    assert rows["tiny"]["sr_interval"] == manifest["evaluation"]["intervals"]["sr"]
+    table = runner.invoke(app, ["compare", *paths])
+    assert "Sr vs best" in table.stdout and "tie" in table.stdout

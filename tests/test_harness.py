@@ -213,3 +213,61 @@ def test_smollm2_artifacts_agree_with_srcrs_evaluator_through_the_harness(fmt, t
     _, correct_norm = own.correct(own.base_logliks)
     np.testing.assert_array_equal(scores.scores, correct_norm.astype(float))
     assert scores.accuracy >= 0.5  # a real model answers most of these
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        None,
+        [],
+        {"tasks": ["t"], "include_path": None, "limit": None},
+        {
+            "tasks": ["t"],
+            "include_path": None,
+            "limit": None,
+            "base": {"t": {"metric": "acc", "scores": [2], "chance": 0}},
+        },
+        {
+            "tasks": ["t"],
+            "include_path": None,
+            "limit": None,
+            "base": {"t": {"metric": "bleu", "scores": [1], "chance": 0}},
+        },
+        {
+            "tasks": ["t"],
+            "include_path": None,
+            "limit": -1,
+            "base": {"t": {"metric": "acc", "scores": [1], "chance": 0}},
+        },
+        {
+            "tasks": ["t", "u"],
+            "include_path": None,
+            "limit": None,
+            "base": {"t": {"metric": "acc", "scores": [1], "chance": 0}},
+        },
+        {
+            "tasks": ["t"],
+            "include_path": 3,
+            "limit": None,
+            "base": {"t": {"metric": "acc", "scores": [1], "chance": 0}},
+        },
+        {
+            "tasks": ["t"],
+            "include_path": None,
+            "limit": None,
+            "base": {"t": {"metric": "acc", "scores": [], "chance": 0}},
+        },
+        {
+            "tasks": ["t"],
+            "include_path": None,
+            "limit": None,
+            "base": {"t": {"metric": "acc", "scores": [1], "chance": 1.5}},
+        },
+    ],
+)
+def test_a_damaged_lm_eval_section_of_a_pack_is_one_error(broken):
+    from srcr.base.errors import SrcrError
+    from srcr.evaluators.harness import HarnessReference
+
+    with pytest.raises(SrcrError, match="lm-eval section is damaged"):
+        HarnessReference.from_meta(broken)

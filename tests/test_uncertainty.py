@@ -147,3 +147,19 @@ def test_a_tie_at_the_top_recommends_the_smaller_file():
     # From another reference pack the two cannot be paired: the higher Sr stays the pick.
     chosen, tie = break_tie(big, [big, {**small, "pack": "other"}], items, "sr")
     assert chosen["name"] == "big" and tie is None
+
+
+def test_a_tie_between_equal_files_recommends_the_higher_sr():
+    """Dense and pruned files of one llama.cpp type are equally large: a SrCr tie goes to the higher Sr."""
+    from srcr.exporter.pareto import recommendation_sentence
+
+    rng = np.random.default_rng(6)
+    shared = rng.uniform(0.4, 0.8, 50)
+    noise = rng.normal(0, 0.15, 50)
+    items = {"dense": scores(similarity=shared), "pruned": scores(similarity=shared - 0.01 + (noise - noise.mean()))}
+    dense = record("dense", items["dense"].figures()["sr"], 0.75, 10)
+    pruned = record("pruned", items["pruned"].figures()["sr"], 0.76, 10, sparsity=0.25)
+    assert pruned["srcr"] > dense["srcr"] and pruned["sr"] < dense["sr"]
+    chosen, tie = break_tie(pruned, [dense, pruned], items, "srcr")
+    assert chosen["name"] == "dense" and tie["name"] == "pruned"
+    assert "higher Sr" in recommendation_sentence(chosen, None, None, [dense, pruned], tie)
