@@ -271,3 +271,61 @@ def test_a_damaged_lm_eval_section_of_a_pack_is_one_error(broken):
 
     with pytest.raises(SrcrError, match="lm-eval section is damaged"):
         HarnessReference.from_meta(broken)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(smollm_tokenizer, tmp_path_factory):
+    """The tiny model as an F16 GGUF and an fp32 ONNX file."""
+    import torch
+
+    from srcr.targets.registry import get_target
+
+    model = make_tiny_llama(smollm_tokenizer, seed=3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(4.0)
+    folder = tmp_path_factory.mktemp("artifacts")
+    paths = {}
+    for fmt, bits, quant in (("gguf", 16, None), ("onnx", None, "fp32")):
+        target = get_target(fmt)
+        paths[fmt] = target.export(
+            model, smollm_tokenizer, target.resolve_quant(bits, quant, {}), folder / f"m.{fmt}"
+        ).artifact
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_lm_eval_runs_srcrs_models_by_name(fmt, tiny_artifacts, tasks_folder):
+    """`lm_eval.simple_evaluate(model="srcr-gguf" | "srcr-onnx")` once srcr's models are registered."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from srcr.exporter.harness_models import register
+    from srcr.targets.registry import get_target
+
+    register()
+    output = lm_eval.simple_evaluate(
+        model=f"srcr-{fmt}", model_args={"path": str(tiny_artifacts[fmt]), "device": "cpu"}, tasks=["srcr_mc"],
+        task_manager=TaskManager(include_path=str(tasks_folder), include_defaults=False), log_samples=True,
+        bootstrap_iters=0,
+    )  # fmt: skip
+    runtime = get_target(fmt).open_runtime(tiny_artifacts[fmt], "cpu")
+    try:
+        own = MultipleChoiceReference.build(runtime, MC_ITEMS, runtime.info().get("bos_token_id"))
+    finally:
+        runtime.close()
+    _, correct_norm = own.correct(own.base_logliks)
+    assert output["results"]["srcr_mc"]["acc_norm,none"] == pytest.approx(correct_norm.mean())
+
+
+def test_srcr_lm_eval_is_lm_evals_command_line(tiny_artifacts, tasks_folder, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "srcr-lm-eval"
+    command = [str(script), "--model", "srcr-gguf", "--model_args", f"path={tiny_artifacts['gguf']}"]
+    command += ["--tasks", "srcr_mc", "--include_path", str(tasks_folder), "--output_path", str(tmp_path / "results")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "srcr_mc" in result.stdout and "acc_norm" in result.stdout
+    assert list((tmp_path / "results").rglob("results_*.json"))
