@@ -78,6 +78,7 @@ def runtime_lm_class() -> type:
                 tokens = self.runtime.tokenize(continuation)
                 sequence, n_continuation = [self._prefix_token(), *tokens], len(tokens)
             sequence = sequence[-(self.max_length + 1) :]  # left-truncated to the context, as lm-eval does
+            n_continuation = min(n_continuation, len(sequence) - 1)
             rows = self.runtime.logprobs(sequence[:-1], first_row=len(sequence) - 1 - n_continuation)
             targets = np.asarray(sequence[len(sequence) - n_continuation :], dtype=np.int64)
             picked = rows[np.arange(n_continuation), targets].astype(np.float64)
@@ -112,7 +113,8 @@ def runtime_lm_class() -> type:
         def _generate(self, context: str, settings: dict[str, Any]) -> str:
             until = settings.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            budget = int(settings.get("max_gen_toks") or DEFAULT_GEN_TOKENS)
+            # The prompt keeps its end and leaves room for the budget (at least one token of each).
+            budget = min(int(settings.get("max_gen_toks") or DEFAULT_GEN_TOKENS), self.max_length - 1)
             prefix = [self.bos_id] if self.bos_id is not None else []
             tokens = [*prefix, *self.runtime.tokenize(context)][-(self.max_length - budget) :]
             text = self.runtime.detokenize(self.runtime.generate(tokens, budget))

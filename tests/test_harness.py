@@ -329,3 +329,22 @@ def test_srcr_lm_eval_is_lm_evals_command_line(tiny_artifacts, tasks_folder, tmp
     assert result.returncode == 0, result.stderr[-2000:]
     assert "srcr_mc" in result.stdout and "acc_norm" in result.stdout
     assert list((tmp_path / "results").rglob("results_*.json"))
+
+
+def test_long_requests_are_left_truncated_to_the_context(runtime):
+    lm = runtime_lm_class()(runtime, max_length=8)
+    context = "The bushfires spread quickly across the state and the wind did not help at all, said the"
+
+    class Likelihood:
+        args = (context, " firefighters")
+
+    class Generation:
+        args = (context, {"until": ["\n"], "max_gen_toks": 50})
+
+    ((loglik, _),) = lm.loglikelihood([Likelihood()])
+    sequence = runtime.tokenize(context + " firefighters")[-9:]
+    n = len(runtime.tokenize(context + " firefighters")) - len(runtime.tokenize(context))
+    rows = runtime.logprobs(sequence[:-1], first_row=len(sequence) - 1 - n)
+    assert loglik == pytest.approx(float(rows[np.arange(n), sequence[-n:]].sum()), abs=1e-4)
+    (text,) = lm.generate_until([Generation()])
+    assert isinstance(text, str)
