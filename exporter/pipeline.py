@@ -271,6 +271,8 @@ def make_plan(
     device = resolve_device(options.device)
     check_output_folder(options.out)
     calibration = calibration_text(options.calib, options.calib_encoding)
+    if not options.evaluation.enabled and options.evaluation.lm_eval_tasks:
+        raise SrcrError("--lm-eval-tasks runs during evaluation; drop --no-eval or the tasks")
     inputs = eval_inputs(options.evaluation) if options.evaluation.enabled else None
     source = open_source(options.model, options.allow_pickle)
     for spec in specs:

@@ -178,16 +178,27 @@ def test_export_and_verify_run_lm_eval_tasks_on_the_artifact(tiny_llama_dir, tas
     assert {"harness.srcr_mc.acc", "harness.srcr_gen.acc"} <= names
 
 
-def test_an_unknown_task_fails_before_any_work(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--lm-eval-tasks", "no_such_task_srcr"], "no_such_task_srcr"),
+        (["--lm-eval-tasks", "srcr_mc", "--no-eval"], "drop --no-eval"),
+        (["--lm-eval-limit", "5"], "need --lm-eval-tasks"),
+        (["--lm-eval-tasks", "srcr_mc", "--lm-eval-limit", "0"], "at least 1"),
+    ],
+)
+def test_bad_lm_eval_requests_fail_before_any_work(tiny_llama_dir, tmp_path, tasks_folder, extra, fragment):
     from typer.testing import CliRunner
 
     from srcr.exporter.cli import app
 
     out = tmp_path / "out"
-    args = ["export", "--model", str(tiny_llama_dir), "--lm-eval-tasks", "no_such_task_srcr", "--out", str(out)]
-    result = CliRunner().invoke(app, args)
+    args = ["export", "--model", str(tiny_llama_dir), "--lm-eval-include", str(tasks_folder), "--out", str(out)]
+    if "--lm-eval-tasks" not in extra:
+        args = args[:3] + args[5:]  # no tasks: no task folder either
+    result = CliRunner().invoke(app, [*args, *extra])
     assert result.exit_code == 2, result.output
-    assert "no_such_task_srcr" in result.output and "Traceback" not in result.output
+    assert fragment in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not out.exists() or list(out.iterdir()) == []
 
 

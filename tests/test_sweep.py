@@ -113,7 +113,12 @@ def test_sweep_command_prints_recommendation_and_writes_report(tmp_path, tiny_ll
     assert payload["recommended"] in {r["name"] for r in payload["records"]}
     assert payload["recommendation"].startswith("Recommended for the highest SrCr")
     assert {row["tcr"] for row in payload["equal_tcr"]} == {0.75}  # 8-bit + 50% vs 4-bit alone
-    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    # The equal-TCr row and every record carry their uncertainty (one reference pack: paired).
+    (row,) = payload["equal_tcr"]
+    assert row["difference"]["low"] <= row["difference"]["value"] <= row["difference"]["high"]
+    assert all(r["sr_interval"][0] <= r["sr"] <= r["sr_interval"][1] for r in payload["records"])
+    report = (out / "report.html").read_text()
+    assert report.startswith("<!DOCTYPE html>") and "Sr 95%" in report and "ΔSr (95%)" in report
 
     budget = CliRunner().invoke(app, [*args[:-1], "--budget-mb", "1000", "--json"])
     assert budget.exit_code == 0, budget.output
