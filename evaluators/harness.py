@@ -24,7 +24,7 @@ import numpy as np
 from srcr.base.errors import SrcrError
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.runtime import Runtime
-from srcr.evaluators.multiple_choice import encode_choice
+from srcr.evaluators.multiple_choice import continuation_loglik, continuation_rows, encode_choice
 
 EXTRA = "pip install 'srcr[lm-eval]'"
 DEFAULT_MAX_LENGTH = 2048
@@ -79,8 +79,7 @@ def runtime_lm_class() -> type:
                 sequence, n_continuation = [self._prefix_token(), *tokens], len(tokens)
             sequence = sequence[-(self.max_length + 1) :]  # left-truncated to the context, as lm-eval does
             n_continuation = min(n_continuation, len(sequence) - 1)
-            rows = self.runtime.logprobs(sequence[:-1], first_row=len(sequence) - 1 - n_continuation)
-            targets = np.asarray(sequence[len(sequence) - n_continuation :], dtype=np.int64)
+            rows, targets = continuation_rows(self.runtime, sequence, n_continuation)
             picked = rows[np.arange(n_continuation), targets].astype(np.float64)
             return float(picked.sum()), bool(np.all(rows.argmax(-1) == targets))
 
@@ -94,9 +93,7 @@ def runtime_lm_class() -> type:
                 windows = get_rolling_token_windows(tokens, self._prefix_token(), self.max_length, 1)
                 total = 0.0
                 for context, predicted in map(make_disjoint_window, windows):
-                    sequence = [*context, *predicted]
-                    rows = self.runtime.logprobs(sequence[:-1], first_row=len(context) - 1)
-                    total += float(rows[np.arange(len(predicted)), predicted].astype(np.float64).sum())
+                    total += continuation_loglik(self.runtime, [*context, *predicted], len(predicted))
                 results.append(total)
             self.progress("lm-eval: rolling log-likelihoods", len(requests), len(requests))
             return results

@@ -43,9 +43,14 @@ def encode_choice(
 
 def continuation_loglik(runtime: Runtime, sequence: Sequence[int], n_continuation: int) -> float:
     """Summed log-probability of the last `n_continuation` tokens of `sequence` given the rest."""
-    rows = runtime.logprobs(list(sequence[:-1]), first_row=len(sequence) - 1 - n_continuation)
-    targets = np.asarray(sequence[len(sequence) - n_continuation :], dtype=np.int64)
+    rows, targets = continuation_rows(runtime, sequence, n_continuation)
     return float(rows[np.arange(n_continuation), targets].astype(np.float64).sum())
+
+
+def continuation_rows(runtime: Runtime, sequence: Sequence[int], n_continuation: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probability rows that predict the last `n_continuation` tokens of `sequence`, those tokens)."""
+    rows = runtime.logprobs(list(sequence[:-1]), first_row=len(sequence) - 1 - n_continuation)
+    return rows, np.asarray(sequence[len(sequence) - n_continuation :], dtype=np.int64)
 
 
 @dataclass

@@ -53,6 +53,13 @@ INTERVAL_NAMES = {
 }
 
 
+def interval_name(name: str) -> str:
+    """A tolerance's figure as `evaluation.intervals` names it (`harness.<task>.acc` -> `lm_eval.<task>`)."""
+    if name.startswith("harness.") and name.endswith(".acc"):
+        return f"lm_eval.{name.removeprefix('harness.').removesuffix('.acc')}"
+    return INTERVAL_NAMES.get(name, name)
+
+
 @dataclass(frozen=True)
 class FigureCheck:
     name: str
@@ -91,7 +98,7 @@ def compare_figures(
             continue
         got = figure(measured, name)
         allowed = tolerance.allowed(want)
-        interval = (intervals or {}).get(INTERVAL_NAMES.get(name, name))
+        interval = (intervals or {}).get(interval_name(name))
         accepted = (interval[0] - allowed, interval[1] + allowed) if interval is not None else None
         if got is None or not math.isfinite(got):
             checks.append(FigureCheck(name, want, got, None, allowed, False, accepted))

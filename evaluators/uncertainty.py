@@ -29,20 +29,6 @@ from srcr.evaluators.retention import (
 RESAMPLES = 2000
 LEVEL = 0.95
 SEED = 0
-# Figures that get an interval, by name in the manifest's `evaluation.intervals`.
-FIGURES = (
-    "kld_mean",
-    "perplexity",
-    "top1_agreement",
-    "semantic_mean",
-    "last_word_acc",
-    "multiple_choice_acc_norm",
-    "retention.perplexity",
-    "retention.semantic",
-    "retention.last_word",
-    "retention.multiple_choice",
-    "sr",
-)
 
 
 @dataclass(frozen=True)
@@ -208,6 +194,10 @@ class Difference:
         """Whether the interval excludes zero: a difference, not item noise."""
         return self.low > 0 or self.high < 0
 
+    def as_dict(self) -> dict[str, Any]:
+        """What tables and --json show: value, low, high, significant."""
+        return {"value": self.value, "low": self.low, "high": self.high, "significant": self.significant}
+
 
 def paired_difference(
     first: ItemScores,
@@ -244,12 +234,6 @@ def _percentiles(values: list[float]) -> list[float]:
     tail = (1 - LEVEL) / 2 * 100
     low, high = np.percentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])
     return [float(low), float(high)]
-
-
-def half_width(items: ItemScores, figure: str = "sr", resamples: int = RESAMPLES, seed: int = SEED) -> float:
-    """Half the width of `figure`'s interval: the smallest difference the budget resolves."""
-    low, high = intervals(items, resamples, seed)[figure]
-    return (high - low) / 2
 
 
 def items_needed(current: int, current_half_width: float, wanted_half_width: float) -> int:

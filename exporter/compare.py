@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from srcr.base.errors import SrcrError
-from srcr.evaluators.uncertainty import ItemScores, paired_difference
-from srcr.exporter.manifest import Manifest, read_manifest
+from srcr.evaluators.uncertainty import paired_difference
+from srcr.exporter.manifest import Manifest, item_scores, read_manifest
 
 
 def _get(data: dict[str, Any], *keys: str) -> Any:
@@ -73,9 +73,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("tok_s", "gen tok/s", _tokens_per_second, "{:.1f}", "high"),
 )
 COLUMN_KEYS = tuple(column.key for column in COLUMNS)
-# Per row besides the columns: each interval as [low, high], and Sr's paired difference to the best row.
+# Per row besides the columns: each interval as [low, high] (and Sr's paired difference to the best row).
 INTERVAL_KEYS = tuple(f"{column.key}_interval" for column in COLUMNS if column.interval) + ("srcr_interval",)
-ROW_KEYS = (*COLUMN_KEYS, *INTERVAL_KEYS, "sr_vs_best")
 
 
 def _intervals(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -85,20 +84,10 @@ def _intervals(manifest: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _item_scores(manifest: Manifest) -> ItemScores | None:
-    evaluation = manifest.evaluation
-    if evaluation is None or evaluation.items is None:
-        return None
-    try:
-        return ItemScores.from_dict(evaluation.items.model_dump())
-    except ValueError as error:
-        raise SrcrError(f"{manifest.name}'s per-item scores are inconsistent ({error}); re-export it") from None
-
-
 def sr_against_best(typed: list[Manifest]) -> list[dict[str, Any] | None]:
     """Per manifest: its Sr minus the best Sr among them, with the paired 95% interval, when both were
     scored on the same items (one reference pack); None where that cannot be told."""
-    scored = [(manifest, _item_scores(manifest)) for manifest in typed]
+    scored = [(manifest, item_scores(manifest)) for manifest in typed]
     candidates = [(m, items) for m, items in scored if items is not None and m.sr is not None]
     if not candidates:
         return [None] * len(typed)
@@ -112,16 +101,7 @@ def sr_against_best(typed: list[Manifest]) -> list[dict[str, Any] | None]:
         if manifest is best:
             results.append({"best": True, "value": 0.0, "low": 0.0, "high": 0.0, "significant": False})
             continue
-        difference = paired_difference(items, best_items, "sr")
-        results.append(
-            {
-                "best": False,
-                "value": difference.value,
-                "low": difference.low,
-                "high": difference.high,
-                "significant": difference.significant,
-            }
-        )
+        results.append({"best": False, **paired_difference(items, best_items, "sr").as_dict()})
     return results
 
 

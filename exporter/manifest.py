@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from srcr.base.errors import SrcrError
+from srcr.evaluators.uncertainty import ItemScores
 
 SCHEMA_VERSION = 2
 LIBRARIES = ("torch", "transformers", "gguf", "llama-cpp-python", "onnx", "onnxruntime-gpu", "onnxruntime")
@@ -305,6 +306,18 @@ class Manifest(Section):
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def item_scores(manifest: Manifest) -> ItemScores | None:
+    """The manifest's per-item scores, for intervals and paired differences; None when it has none (srcr
+    before 0.4, or --no-eval). Item sets that disagree in length are a one-line error."""
+    evaluation = manifest.evaluation
+    if evaluation is None or evaluation.items is None:
+        return None
+    try:
+        return ItemScores.from_dict(evaluation.items.model_dump())
+    except ValueError as error:
+        raise SrcrError(f"{manifest.name}'s per-item scores are inconsistent ({error}); re-export it") from None
 
 
 def library_versions() -> dict[str, str]:

@@ -28,8 +28,7 @@ def difference(first: Record, second: Record, items: Items | None, objective: st
     if first.get("pack") is None or first.get("pack") != second.get("pack"):
         return None
     scales = (first["tcr"], second["tcr"]) if objective == "srcr" else (1.0, 1.0)
-    found = paired_difference(items[first["name"]], items[second["name"]], "sr", scales)
-    return {"value": found.value, "low": found.low, "high": found.high, "significant": found.significant}
+    return paired_difference(items[first["name"]], items[second["name"]], "sr", scales).as_dict()
 
 
 def is_joint(record: Record) -> bool:

@@ -19,7 +19,7 @@ from srcr.base.progress import ProgressFn, no_progress
 from srcr.evaluators.reference import ReferencePack
 from srcr.evaluators.uncertainty import ItemScores
 from srcr.exporter.evaluation import EvalOptions
-from srcr.exporter.manifest import Manifest, read_manifest
+from srcr.exporter.manifest import Manifest, item_scores, read_manifest
 from srcr.exporter.pipeline import (
     OutputPaths,
     Plan,
@@ -271,14 +271,8 @@ def sweep_records(manifests: list[Manifest]) -> list[dict[str, Any]]:
 
 def sweep_items(manifests: list[Manifest]) -> dict[str, ItemScores]:
     """Per-item scores by configuration name, for paired differences (manifests that carry them)."""
-    found = {}
-    for manifest in manifests:
-        if manifest.evaluation is not None and manifest.evaluation.items is not None:
-            try:
-                found[manifest.name] = ItemScores.from_dict(manifest.evaluation.items.model_dump())
-            except ValueError as error:
-                raise SrcrError(f"{manifest.name}'s per-item scores are inconsistent ({error}); re-run it") from None
-    return found
+    scored = {manifest.name: item_scores(manifest) for manifest in manifests}
+    return {name: items for name, items in scored.items() if items is not None}
 
 
 @dataclass

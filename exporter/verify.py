@@ -93,7 +93,5 @@ def verify(
     finally:
         runtime.close()
     intervals = evaluation.intervals if mode == "interval" else None
-    if intervals is not None:
-        intervals = {**intervals, **{f"harness.{name}.acc": intervals.get(f"lm_eval.{name}") for name in tasks or {}}}
     checks = compare_figures(evaluation.model_dump(mode="json"), measured, limits, intervals)
     return VerifyOutcome(manifest=manifest, checks=checks, measured=measured, peak_rss_mb=peak_rss_bytes() / (1 << 20))

@@ -53,6 +53,15 @@ FAMILIES = {
 }
 
 
+def sharpened(model):
+    """Matrices ×3: sharper than the init's near-uniform next-token distributions, so parity means something."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(3.0)
+    return model.eval()
+
+
 def make_family_folder(folder: Path, family: str, tokenizer) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -60,11 +69,7 @@ def make_family_folder(folder: Path, family: str, tokenizer) -> Path:
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **{**COMMON, **ids, **extra})
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(3.0)  # sharper than the init's near-uniform next-token distributions
+    model = sharpened(AutoModelForCausalLM.from_config(config))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if family == "phi3":
@@ -223,12 +228,7 @@ def longrope_phi(tokenizer, original: int):
     )
     config.architectures = ["Phi3ForCausalLM"]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(3.0)
-    return model
+    return sharpened(AutoModelForCausalLM.from_config(config))
 
 
 def test_longrope_onnx_is_exact_up_to_its_original_length_and_refuses_beyond(smollm_tokenizer, tmp_path):

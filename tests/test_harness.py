@@ -82,14 +82,19 @@ def tasks_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runtime(smollm_tokenizer):
+def tiny_model(smollm_tokenizer):
     import torch
 
     model = make_tiny_llama(smollm_tokenizer, seed=3)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(4.0)  # sharper than the init, so choices differ
-    return TorchRuntime(model, smollm_tokenizer)
+    return model
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model, smollm_tokenizer):
+    return TorchRuntime(tiny_model, smollm_tokenizer)
 
 
 def test_multiple_choice_agrees_with_srcrs_own_evaluator(runtime, tasks_folder):
@@ -285,16 +290,11 @@ def test_a_damaged_lm_eval_section_of_a_pack_is_one_error(broken):
 
 
 @pytest.fixture(scope="module")
-def tiny_artifacts(smollm_tokenizer, tmp_path_factory):
+def tiny_artifacts(tiny_model, smollm_tokenizer, tmp_path_factory):
     """The tiny model as an F16 GGUF and an fp32 ONNX file."""
-    import torch
-
     from srcr.targets.registry import get_target
 
-    model = make_tiny_llama(smollm_tokenizer, seed=3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(4.0)
+    model = tiny_model
     folder = tmp_path_factory.mktemp("artifacts")
     paths = {}
     for fmt, bits, quant in (("gguf", 16, None), ("onnx", None, "fp32")):

@@ -163,3 +163,18 @@ def test_a_tie_between_equal_files_recommends_the_higher_sr():
     chosen, tie = break_tie(pruned, [dense, pruned], items, "srcr")
     assert chosen["name"] == "dense" and tie["name"] == "pruned"
     assert "higher Sr" in recommendation_sentence(chosen, None, None, [dense, pruned], tie)
+
+
+def test_interval_mode_accepts_inside_the_widened_interval_and_finds_task_intervals():
+    from srcr.evaluators.tolerances import Tolerance, compare_figures
+
+    expected = {"sr": 0.90, "harness": {"t": {"acc": 0.50}}}
+    intervals_ = {"sr": [0.85, 0.92], "lm_eval.t": [0.40, 0.60]}
+    tolerances = {"sr": Tolerance(absolute=0.02), "harness.t.acc": Tolerance(absolute=0.03)}
+    inside = compare_figures(expected, {"sr": 0.84, "harness": {"t": {"acc": 0.62}}}, tolerances, intervals_)
+    assert [check.ok for check in inside] == [True, True]
+    assert inside[1].accepted == pytest.approx((0.37, 0.63))
+    outside = compare_figures(expected, {"sr": 0.82, "harness": {"t": {"acc": 0.64}}}, tolerances, intervals_)
+    assert [check.ok for check in outside] == [False, False]
+    drift = compare_figures(expected, {"sr": 0.84, "harness": {"t": {"acc": 0.62}}}, tolerances)
+    assert [check.ok for check in drift] == [False, False]
