@@ -46,6 +46,14 @@ QUANTIZER_HELP = (
     "--quant-type; the K types on rows of a multiple of 256; ONNX MatMulNBits 2-, 4- or 8-bit blocks of 32, "
     "with zero points or --symmetric)."
 )
+STREAM_HELP = (
+    "Read the decoder layers from the checkpoint one at a time (auto: when the model takes over half the free "
+    "memory; on; off). Streamed, host memory holds one layer, the embedding and the activations (GGUF only)."
+)
+REFERENCE_HELP = (
+    "Where the dense reference is computed: torch (the model in memory), artifact (its unrounded GGUF in "
+    "llama.cpp, for a model that does not fit), or auto (artifact when streaming)."
+)
 DEVICE_HELP = (
     "Where PyTorch runs the dense reference and pruning: auto (CUDA when available), cpu or cuda. "
     "The artifact itself is measured in its own runtime, on its accelerator when it has one."
@@ -249,6 +257,8 @@ def export(
     allow_pickle: Annotated[
         bool, typer.Option(help="Allow pickled .bin weights (they can run code: only for sources you trust).")
     ] = False,
+    stream: Annotated[str, typer.Option(help=STREAM_HELP)] = "auto",
+    reference: Annotated[str, typer.Option(help=REFERENCE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of the table.")] = False,
 ) -> None:
     """Prune, quantize and export a model; evaluate the artifact and write its manifest."""
@@ -298,6 +308,8 @@ def export(
             name=name,
             overwrite=overwrite,
             allow_pickle=allow_pickle,
+            stream=stream,
+            reference=reference,
             evaluation=EvalOptions(
                 enabled=evaluate,
                 eval_text=eval_text,
@@ -616,6 +628,8 @@ def sweep(
     lm_eval_include: Annotated[Path | None, typer.Option(help=LM_EVAL_INCLUDE_HELP)] = None,
     lm_eval_limit: Annotated[int | None, typer.Option(help=LM_EVAL_LIMIT_HELP)] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (trusted sources only).")] = False,
+    stream: Annotated[str, typer.Option(help=STREAM_HELP)] = "auto",
+    reference: Annotated[str, typer.Option(help=REFERENCE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the records and recommendation as JSON.")] = False,
 ) -> None:
     """Try every pruning × quantization combination; rank by SrCr, mark the Pareto front, write report.html."""
@@ -643,6 +657,8 @@ def sweep(
             device=device,
             out=out,
             allow_pickle=allow_pickle,
+            stream=stream,
+            reference=reference,
             evaluation=EvalOptions(
                 eval_text=eval_text,
                 eval_encoding=eval_encoding,

@@ -101,6 +101,11 @@ def sr_against_best(typed: list[Manifest]) -> list[dict[str, Any] | None]:
         if manifest is best:
             results.append({"best": True, "value": 0.0, "low": 0.0, "high": 0.0, "significant": False})
             continue
+        if items.sizes() != best_items.sizes():
+            raise SrcrError(
+                f"{manifest.name} and {best.name} name the same reference pack but hold different numbers of "
+                "per-item scores; one of them was edited: re-export it"
+            )
         results.append({"best": False, **paired_difference(items, best_items, "sr").as_dict()})
     return results
 

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from srcr.base.errors import SrcrError
+from srcr.base.files import temporary_folder
 from srcr.base.progress import ProgressFn
 from srcr.evaluators.harness import HarnessRequest
 from srcr.evaluators.reference import EvalSettings, ReferencePack
 from srcr.exporter.calibration import TextSource, evaluation_text
 from srcr.exporter.models import LoadedModel
-from srcr.targets.base import Target
+from srcr.targets.base import QuantSpec, Target
 
 
 @dataclass
@@ -97,12 +98,49 @@ def build_reference(loaded: LoadedModel, inputs: EvalInputs, device: str, progre
             base, inputs.settings, inputs.text.text, inputs.prompts, inputs.tasks, load_embedder(), progress,
             inputs.harness,
         )  # fmt: skip
+    _record_eval_text(pack, inputs)
+    return pack
+
+
+def build_reference_from_artifact(
+    target: Target,
+    spec: QuantSpec,
+    loaded: LoadedModel,
+    inputs: EvalInputs,
+    scratch: Path,
+    hints: dict[str, Any],
+    progress: ProgressFn,
+) -> ReferencePack:
+    """The reference pack computed on the dense model's unrounded file (`spec`: the checkpoint's own dtype)
+    in the target's runtime, for a model that is not held in memory. The file is written tensor by
+    tensor from `loaded.weights` (or the model in memory) under `scratch`, and removed afterwards."""
+    from srcr.evaluators.embedder import load_embedder
+    from srcr.evaluators.reference import build_reference_pack
+
+    with temporary_folder(scratch, "reference") as folder:
+        file = folder / f"reference{target.suffix}"
+        target.export(
+            loaded.model, loaded.tokenizer, spec, file, hints=hints, progress=progress, weights=loaded.weights
+        )
+        runtime = target.open_runtime(file, device="auto")
+        try:
+            pack = build_reference_pack(
+                runtime, inputs.settings, inputs.text.text, inputs.prompts, inputs.tasks, load_embedder(), progress,
+                inputs.harness,
+            )  # fmt: skip
+        finally:
+            runtime.close()
+    pack.meta["base_runtime"]["artifact_type"] = spec.quant_type
+    _record_eval_text(pack, inputs)
+    return pack
+
+
+def _record_eval_text(pack: ReferencePack, inputs: EvalInputs) -> None:
     pack.meta["eval_text"] = {
         "source": str(inputs.text.path),
         "sha256": inputs.text.sha256,
         "encoding": inputs.text.encoding,
     }
-    return pack
 
 
 def evaluate_artifact(target: Target, artifact: Path, pack: ReferencePack, progress: ProgressFn) -> dict[str, Any]:

@@ -71,6 +71,7 @@ class SourceModel(Section):
     id: str
     path: str
     architecture: str
+    dtype: str | None = None  # the checkpoint's dtype, in which srcr held and wrote its weights
     parameters: Count
     weights_sha256: Sha256
 
@@ -134,6 +135,8 @@ class Pruning(Section):
     options: dict[str, float | int]  # the method's options (percdamp, block size)
     structure: Structure | None = None
     gptq_grid: str | None = None  # srcr's GPTQ rounded the decoder's matrices onto this type in the same sweep
+    # Layers were read from the checkpoint one at a time and written to a pruned folder (--stream).
+    streamed: bool = False
 
 
 class Quantization(OpenSection):
@@ -268,16 +271,21 @@ class Evaluation(Section):
     speed: Speed
     runtime: dict[str, Any]  # what the runtime reported about itself (backend, threads, buffer types)
     reference_pack: ReferencePackFile
+    # What the reference pack was computed on: torch (the dense model) or the target's runtime over the
+    # model's unrounded file (--reference artifact); absent in manifests of srcr before 0.5.
+    reference_runtime: dict[str, Any] | None = None
     settings: dict[str, Any]  # the evaluation settings the pack was built with (evaluators.reference.EvalSettings)
     items: Items | None = None  # absent in manifests of srcr before 0.4
     intervals: dict[str, Interval] | None = None  # figure -> 95% bootstrap interval over items
 
 
 class Device(Section):
-    prune: str
+    prune: str  # where PyTorch calibrated and pruned
     machine: str
     system: str
     gpu: str | None = None
+    reference: str | None = None  # where the reference pack was computed: "torch cpu", "llama.cpp CPU", ...
+    evaluate: str | None = None  # the artifact's runtime and the backend it ran on
 
 
 class Manifest(Section):
@@ -330,13 +338,28 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def device_section(device: str) -> Device:
+def device_section(device: str, reference: str | None = None, evaluate: str | None = None) -> Device:
     gpu = None
     if device == "cuda":
         import torch
 
         gpu = torch.cuda.get_device_name(0)
-    return Device(prune=device, machine=platform.machine(), system=platform.system(), gpu=gpu)
+    return Device(
+        prune=device,
+        machine=platform.machine(),
+        system=platform.system(),
+        gpu=gpu,
+        reference=reference,
+        evaluate=evaluate,
+    )
+
+
+def where_ran(runtime_info: dict[str, Any] | None) -> str | None:
+    """ "<runtime> <backend>" from what a runtime reported about itself (its `info()`)."""
+    if not runtime_info:
+        return None
+    backend = runtime_info.get("device") or runtime_info.get("backend") or runtime_info.get("providers")
+    return f"{runtime_info.get('runtime', 'unknown')} {backend}" if backend else str(runtime_info.get("runtime"))
 
 
 def now() -> str:

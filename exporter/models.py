@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from srcr.base.errors import SrcrError
 from srcr.base.files import remove_stale_partials, temp_name
+from srcr.base.weights import TensorSource
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -49,9 +51,22 @@ class ModelSource:
         return _sha256_files(self.weight_files)
 
 
+# The dtypes srcr keeps a checkpoint in; anything else (float64, a quantized checkpoint's) loads as float32.
+_STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def storage_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The checkpoint's own dtype (config.json `dtype`/`torch_dtype`), in which srcr holds its weights."""
+    import torch
+
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(declared).removeprefix("torch.") if declared is not None else "float32"
+    return getattr(torch, name) if name in _STORAGE_DTYPES else torch.float32
+
+
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel  # fp32, on the CPU
+    model: PreTrainedModel  # in the checkpoint's dtype (storage_dtype), on the CPU
     tokenizer: PreTrainedTokenizerBase
     source: str  # what the user asked for (hub id, path, or the default's name)
     path: Path  # the local folder the weights were read from
@@ -59,6 +74,12 @@ class LoadedModel:
     n_params: int  # parameters of the dense model, a tied embedding once: the 16-bit baseline's base
     weights_sha256: str
     hints: dict[str, Any] = field(default_factory=dict)
+    # Set when `model` is a skeleton on the meta device: where its tensors are (a streamed, pruned folder).
+    weights: TensorSource | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return storage_dtype(self.model.config)
 
 
 def cache_dir() -> Path:
@@ -255,33 +276,47 @@ def open_source(model: str | None = None, allow_pickle: bool = False) -> ModelSo
 
 
 def load_weights(source: ModelSource) -> LoadedModel:
-    """Load the checked source in fp32 on the CPU; the pruning driver moves layers to the device itself."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the checked source on the CPU in its own dtype; the pruning driver brings one layer at a time
+    to the device in float32."""
+    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.folder,
             config=source.config,
-            dtype=torch.float32,
+            dtype=storage_dtype(source.config),
             trust_remote_code=False,
             use_safetensors=source.weight_files[0].suffix == ".safetensors",
             low_cpu_mem_usage=True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as error:
         raise SrcrError(f"transformers could not load {source.folder} ({error}); check the model folder") from None
     model.eval()
+    return loaded_model(source, model)
+
+
+def loaded_model(source: ModelSource, model: PreTrainedModel, weights: TensorSource | None = None) -> LoadedModel:
+    """The record of `model` read from `source` (its weights in `weights` when the model is a skeleton)."""
     return LoadedModel(
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=load_tokenizer(source),
         source=source.label,
         path=source.folder,
         architecture=source.architecture,
         n_params=sum(p.numel() for p in model.parameters()),
         weights_sha256=source.weights_sha256,
         hints=dict(source.hints),
+        weights=weights,
     )
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.folder, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as error:
+        raise SrcrError(f"transformers could not load the tokenizer in {source.folder} ({error}); check it") from None
 
 
 def skeleton(config: PretrainedConfig) -> PreTrainedModel:

@@ -5,8 +5,11 @@ setting: calibrate + prune → per quantization: convert + quantize → evaluate
 
 `srcr export` runs it for one configuration, `srcr sweep` (exporter/sweep.py) for many, sharing the
 load, the calibration tokens and the reference pack. Each stage borrows the model and leaves it where
-it found it; a pruning setting prunes a fresh copy read from the source folder (the dense model itself
-only when nothing needs it afterwards), so at most two copies of the model are ever in memory.
+it found it. In memory, a pruning setting prunes the dense model itself or a fresh copy read from the
+source folder once the previous one is gone, so one copy of the model is in memory at a time.
+Streamed (--stream), no copy is: only a skeleton and its embedding are loaded, each setting reads the
+layers from the source folder one at a time into a pruned folder (exporter/streaming.py), and the
+target converts that folder tensor by tensor.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ from srcr.base.files import (
     output_lock,
     remove_stale_partials,
     sha256_of,
+    temporary_folder,
 )
+from srcr.base.placement import placed
 from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.weights import FolderWriter, SafetensorsFolder
 from srcr.evaluators.reference import ReferencePack
 from srcr.evaluators.retention import SRCR_DEFINITION
 from srcr.evaluators.retention import srcr as srcr_score
@@ -44,8 +50,23 @@ from srcr.exporter.calibration import (
     check_calibration_request,
     load_calibration,
 )
-from srcr.exporter.evaluation import EvalInputs, EvalOptions, build_reference, eval_inputs, evaluate_artifact
-from srcr.exporter.models import LoadedModel, ModelSource, load_weights, open_source, skeleton
+from srcr.exporter.evaluation import (
+    EvalInputs,
+    EvalOptions,
+    build_reference,
+    build_reference_from_artifact,
+    eval_inputs,
+    evaluate_artifact,
+)
+from srcr.exporter.models import (
+    LoadedModel,
+    ModelSource,
+    load_weights,
+    loaded_model,
+    open_source,
+    skeleton,
+    storage_dtype,
+)
 from srcr.exporter.pruning import PruneReport, PruneSpec, check_prunable, parse_pattern, prune_model, validate_spec
 from srcr.exporter.pruning.driver import decoder_layers
 from srcr.exporter.pruning.registry import DEFAULT_METHOD
@@ -57,6 +78,14 @@ from srcr.exporter.pruning.structured import (
     check_layout,
     check_structure,
     prune_structure,
+)
+from srcr.exporter.streaming import (
+    FromDisk,
+    check_streamable,
+    finish_folder,
+    open_streamed,
+    skeleton_on_meta,
+    stream_fits,
 )
 from srcr.targets.base import QuantSpec, Target
 from srcr.targets.registry import get_target
@@ -95,7 +124,13 @@ class ExportOptions:
     name: str | None = None
     overwrite: bool = False
     allow_pickle: bool = False
+    stream: str = "auto"  # auto | on | off: read the layers from disk one at a time
+    reference: str = "auto"  # auto | torch | artifact: where the reference pack is computed
     evaluation: EvalOptions = field(default_factory=EvalOptions)
+
+
+STREAM_CHOICES = ("auto", "on", "off")
+REFERENCE_CHOICES = ("auto", "torch", "artifact")
 
 
 @dataclass(frozen=True)
@@ -227,6 +262,8 @@ class Plan:
     calib_samples: int | None
     seq_len: int | None
     seed: int
+    stream: bool = False  # layers read from disk one at a time; the model is never whole in memory
+    reference: str = "torch"  # the dense model in PyTorch, or "artifact": its unrounded file in the target's runtime
 
 
 class RunInputs(Protocol):
@@ -243,6 +280,8 @@ class RunInputs(Protocol):
     device: str
     out: Path
     allow_pickle: bool
+    stream: str
+    reference: str
     evaluation: EvalOptions
 
 
@@ -259,14 +298,14 @@ def make_plan(
     Every quantizer is crossed with every bit-width and every named type (`quant_types`, beside
     `bits`); None is the format's own quantizer (or --quantizer in `options.target_options`)."""
     target = get_target(options.format)
+    _check_choice("--stream", options.stream, STREAM_CHOICES)
+    _check_choice("--reference", options.reference, REFERENCE_CHOICES)
     requests = [(width, quant_type) for width in bits] + [(None, name) for name in quant_types]
     resolved = [
-        target.resolve_quant(width, name, _with_quantizer(options.target_options, quantizer))
+        (target.resolve_quant(width, name, _with_quantizer(options.target_options, quantizer)), name is None)
         for quantizer in quantizers
         for width, name in requests
     ]
-    specs = list({(spec.quant_type, spec.grid): spec for spec in resolved}.values())
-    settings = [_fit_structure(setting, target, specs) for setting in settings]
     check_calibration_request(options.calib_samples, options.seq_len)
     device = resolve_device(options.device)
     check_output_folder(options.out)
@@ -275,6 +314,11 @@ def make_plan(
         raise SrcrError("--lm-eval-tasks runs during evaluation; drop --no-eval or the tasks")
     inputs = eval_inputs(options.evaluation) if options.evaluation.enabled else None
     source = open_source(options.model, options.allow_pickle)
+    dtype = dtype_name(storage_dtype(source.config))
+    # A width named by --bits is the checkpoint's own kind of it (a bfloat16 model's 16 bits are BF16).
+    resolved = [target.for_checkpoint(spec, dtype) if by_bits else spec for spec, by_bits in resolved]
+    specs = list({(spec.quant_type, spec.grid): spec for spec in resolved}.values())
+    settings = [_fit_structure(setting, target, specs) for setting in settings]
     for spec in specs:
         target.check_model(source.config, spec)
     layers = decoder_layers(skeleton(source.config))  # calibration walks them, whatever is pruned
@@ -285,6 +329,10 @@ def make_plan(
             check_fits(source.config, setting.structure)
             global_widths = setting.structure.width and setting.structure.allocation == "global"
             target.check_structure(source.config, setting.structure.drop_layers > 0, global_widths)
+    stream = _decide_stream(options.stream, target, source, settings, specs)
+    reference = options.reference if options.reference != "auto" else "artifact" if stream else "torch"
+    if inputs is not None and reference == "artifact":
+        target.reference_spec(dtype)  # the target can make one: checked now
     return Plan(
         target=target,
         specs=specs,
@@ -296,7 +344,51 @@ def make_plan(
         calib_samples=options.calib_samples,
         seq_len=options.seq_len,
         seed=options.seed,
+        stream=stream,
+        reference=reference,
     )
+
+
+def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise SrcrError(f"unknown {flag} {value!r}; choose {', '.join(choices)}")
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _decide_stream(
+    choice: str, target: Target, source: ModelSource, settings: Sequence[Setting], specs: Sequence[QuantSpec]
+) -> bool:
+    """--stream on: stream or say why not; auto: stream when the model cannot be held and it can stream."""
+    if choice == "off":
+        return False
+    reason = _why_not_streamed(target, source, settings, specs)
+    if choice == "on":
+        if reason is not None:
+            raise SrcrError(f"--stream: {reason}")
+        return True
+    return reason is None and not stream_fits(source)
+
+
+def _why_not_streamed(
+    target: Target, source: ModelSource, settings: Sequence[Setting], specs: Sequence[QuantSpec]
+) -> str | None:
+    if not target.streams:
+        return f"the {target.name} target traces the whole model in memory; use --format gguf or --no-stream"
+    if any(setting.structure.active for setting in settings):
+        return "structured pruning scores and cuts the whole model in memory; use --no-stream"
+    if any(spec.grid is not None for spec in specs):
+        return (
+            "--quantizer gptq keeps the codes of every layer in memory (2 bytes a weight, a 16-bit model's size); "
+            "use --quantizer llama.cpp or --no-stream"
+        )
+    try:
+        check_streamable(source, skeleton_on_meta(source))
+    except SrcrError as error:
+        return str(error)
+    return None
 
 
 def _with_quantizer(target_options: dict[str, object], quantizer: str | None) -> dict[str, object]:
@@ -329,12 +421,13 @@ def workspace(out: Path, lock_name: str, what: str) -> Iterator[Path]:
 class PrunedModel:
     """A model after calibration and pruning, with what the manifest needs to say about it."""
 
-    loaded: LoadedModel
+    loaded: LoadedModel  # streamed: a skeleton whose tensors are in `loaded.weights` (the pruned folder)
     setting: Setting
     report: PruneReport
     calibration: CalibrationSet
     seed: int
     structure: StructureReport | None = None
+    streamed: bool = False
 
     @property
     def prune_spec(self) -> PruneSpec:
@@ -342,9 +435,14 @@ class PrunedModel:
 
 
 def load_stage(plan: Plan, timer: StageTimer, progress: ProgressFn) -> LoadedModel:
+    """The dense model in memory, or (streamed) its skeleton with the embedding and the source folder."""
     with timer.stage("load"):
         progress("load model", 0, 1)
-        loaded = load_weights(plan.source)
+        if plan.stream:
+            folder = SafetensorsFolder(plan.source.folder, plan.source.weight_files)
+            loaded = loaded_model(plan.source, open_streamed(plan.source), folder)
+        else:
+            loaded = load_weights(plan.source)
         progress("load model", 1, 1)
     return loaded
 
@@ -353,33 +451,90 @@ def calibration_stage(plan: Plan, loaded: LoadedModel) -> CalibrationSet:
     return load_calibration(loaded.tokenizer, plan.calibration_text, plan.calib_samples, plan.seq_len, plan.seed)
 
 
-def reference_stage(plan: Plan, loaded: LoadedModel, timer: StageTimer, progress: ProgressFn) -> ReferencePack | None:
+def reference_stage(
+    plan: Plan, loaded: LoadedModel, scratch: Path, timer: StageTimer, progress: ProgressFn
+) -> ReferencePack | None:
+    """The dense model's reference pack: in PyTorch (a streamed model is loaded whole for it, then freed),
+    or from the model's unrounded file in the target's runtime (`plan.reference == "artifact"`)."""
     if plan.evaluation is None:
         return None
     with timer.stage("reference"):
+        if plan.reference == "artifact":
+            spec = plan.target.reference_spec(dtype_name(loaded.dtype))
+            return build_reference_from_artifact(
+                plan.target, spec, loaded, plan.evaluation, scratch, export_hints(loaded, "reference"), progress
+            )
+        if loaded.weights is not None:
+            return build_reference(load_weights(plan.source), plan.evaluation, plan.device, progress)
         return build_reference(loaded, plan.evaluation, plan.device, progress)
 
 
+def export_hints(loaded: LoadedModel, artifact_name: str) -> dict[str, Any]:
+    return {
+        **loaded.hints,
+        "artifact_name": artifact_name,
+        # for llama.cpp's converter: the tokenizer files as shipped, and the model's name
+        "source_folder": str(loaded.path),
+        "model_name": Path(loaded.source).name,
+    }
+
+
+@contextlib.contextmanager
 def prune_stage(
     plan: Plan,
     dense: LoadedModel,
     setting: Setting,
     calibration: CalibrationSet,
+    scratch: Path,
     timer: StageTimer,
     progress: ProgressFn,
     reuse_dense: bool,
-) -> PrunedModel:
+) -> Iterator[PrunedModel]:
     """Remove structure, then calibrate and prune. The statistics-only pass leaves the weights alone, so
     it always works on `dense`; anything that changes weights works on `dense` itself only when the
-    caller needs it no more (`reuse_dense`)."""
+    caller needs it no more (`reuse_dense`). A streamed model is pruned into a folder under `scratch`,
+    which lives as long as the block."""
+    if dense.weights is not None:
+        with _streamed_pruning(plan, dense, setting, calibration, scratch, timer, progress) as pruned:
+            yield pruned
+        return
+    import torch
+
     model = dense if reuse_dense or not setting.changes_weights else load_weights(plan.source)
     structure = None
     if setting.structure.active:
-        with timer.stage("structure"):
+        with timer.stage("structure"), placed(model.model, dtype=torch.float32):
             structure = prune_structure(model.model, calibration.input_ids, setting.structure, plan.device, progress)
     with timer.stage("calibrate_prune"):
         report = prune_model(model.model, calibration.input_ids, setting.prune, device=plan.device, progress=progress)
-    return PrunedModel(model, setting, report, calibration, plan.seed, structure)
+    yield PrunedModel(model, setting, report, calibration, plan.seed, structure)
+
+
+@contextlib.contextmanager
+def _streamed_pruning(
+    plan: Plan,
+    dense: LoadedModel,
+    setting: Setting,
+    calibration: CalibrationSet,
+    scratch: Path,
+    timer: StageTimer,
+    progress: ProgressFn,
+) -> Iterator[PrunedModel]:
+    assert isinstance(dense.weights, SafetensorsFolder)
+    if not setting.changes_weights:  # the statistics pass reads the layers and writes nothing
+        with timer.stage("calibrate_prune"):
+            home = FromDisk(dense.model, dense.weights, None)
+            report = prune_model(dense.model, calibration.input_ids, setting.prune, plan.device, progress, home)
+        yield PrunedModel(dense, setting, report, calibration, plan.seed, streamed=True)
+        return
+    with temporary_folder(scratch, "pruned") as folder:
+        writer = FolderWriter(folder)
+        with timer.stage("calibrate_prune"):
+            home = FromDisk(dense.model, dense.weights, writer)
+            report = prune_model(dense.model, calibration.input_ids, setting.prune, plan.device, progress, home)
+            weights = finish_folder(plan.source, dense.weights, writer)
+        pruned = dataclasses.replace(dense, weights=weights)
+        yield PrunedModel(pruned, setting, report, calibration, plan.seed, streamed=True)
 
 
 def pruning_section(pruned: PrunedModel) -> dict[str, Any]:
@@ -405,6 +560,7 @@ def pruning_section(pruned: PrunedModel) -> dict[str, Any]:
         # srcr's GPTQ rounded the decoder's matrices onto this grid in the same sweep as pruning.
         "gptq_grid": spec.grid,
         "structure": structure_section(pruned),
+        "streamed": pruned.streamed,
     }
 
 
@@ -437,6 +593,7 @@ def evaluation_section(figures: dict[str, Any], pack: ReferencePack, reference: 
     return {
         **figures,
         "eval_text": pack.meta.get("eval_text"),
+        "reference_runtime": pack.meta.get("base_runtime"),
         "reference_pack": {"file": reference.name, "sha256": sha256_of(reference), "bytes": reference.stat().st_size},
         "settings": pack.settings_dict(),
     }
@@ -469,15 +626,10 @@ def write_export(
                 spec,
                 artifact_tmp,
                 imatrix=pruned.report.imatrix,
-                hints={
-                    **loaded.hints,
-                    "artifact_name": paths.artifact.name,
-                    # for llama.cpp's converter: the tokenizer files as shipped, and the model's name
-                    "source_folder": str(loaded.path),
-                    "model_name": Path(loaded.source).name,
-                },
+                hints=export_hints(loaded, paths.artifact.name),
                 progress=progress,
                 codes=pruned.report.codes,
+                weights=loaded.weights,
             )
         timer.split("export", result.stage_seconds)
         evaluation = None
@@ -525,6 +677,7 @@ def build_manifest(
                 "id": loaded.source,
                 "path": str(loaded.path),
                 "architecture": loaded.architecture,
+                "dtype": dtype_name(loaded.dtype),
                 "parameters": loaded.n_params,
                 "weights_sha256": loaded.weights_sha256,
             },
@@ -541,7 +694,11 @@ def build_manifest(
             "evaluation": evaluation,
             "srcr_definition": SRCR_DEFINITION,
             "versions": manifests.library_versions(),
-            "device": manifests.device_section(plan.device),
+            "device": manifests.device_section(
+                plan.device,
+                reference=manifests.where_ran(evaluation and evaluation.get("reference_runtime")),
+                evaluate=manifests.where_ran(evaluation and evaluation.get("runtime")),
+            ),
             "timings_s": dict(timer.seconds),
             "sr": sr,
             "srcr": srcr_score(sr, pruned.prune_spec.target_sparsity, spec.bits, removed) if sr is not None else None,
@@ -571,9 +728,9 @@ def run_export(
     paths.check(options.overwrite, with_reference=plan.evaluation is not None)
 
     timer = timer or StageTimer()
-    with workspace(options.out, name, f"{name} in {options.out}"):
+    with workspace(options.out, name, f"{name} in {options.out}") as folder:
         loaded = load_stage(plan, timer, progress)
         calibration = calibration_stage(plan, loaded)
-        pack = reference_stage(plan, loaded, timer, progress)
-        pruned = prune_stage(plan, loaded, setting, calibration, timer, progress, reuse_dense=True)
-        return write_export(pruned, plan, spec, paths, pack, timer, progress, options.overwrite)
+        pack = reference_stage(plan, loaded, folder, timer, progress)
+        with prune_stage(plan, loaded, setting, calibration, folder, timer, progress, reuse_dense=True) as pruned:
+            return write_export(pruned, plan, spec, paths, pack, timer, progress, options.overwrite)

@@ -65,6 +65,8 @@ class SweepOptions:
     device: str = "auto"
     out: Path = Path("sweep")
     allow_pickle: bool = False
+    stream: str = "auto"
+    reference: str = "auto"
     evaluation: EvalOptions = field(default_factory=EvalOptions)
 
 
@@ -117,6 +119,8 @@ def _sweep_identity(plan: Plan, options: SweepOptions) -> dict[str, Any]:
         "builtin_prompts": evaluation.builtin_prompts,
         "target_options": options.target_options,
     }
+    if plan.reference != "torch":  # only then: sweep folders of earlier versions keep resuming
+        identity["reference"] = plan.reference
     if evaluation.lm_eval_tasks:  # only then: sweep folders of earlier versions keep resuming
         identity["lm_eval"] = {
             "tasks": list(evaluation.lm_eval_tasks),
@@ -148,7 +152,7 @@ def _reference_pack(plan: Plan, loaded: Any, folder: Path, timer: StageTimer, pr
     path = folder / REFERENCE_FILE
     if path.is_file():
         return ReferencePack.load(path)
-    pack = reference_stage(plan, loaded, timer, progress)
+    pack = reference_stage(plan, loaded, folder, timer, progress)
     pack.save(path)
     return pack
 
@@ -204,27 +208,31 @@ def _run(plan: Plan, options: SweepOptions, folder: Path, progress: ProgressFn) 
         else:
             todo[setting].append((spec, paths))
     with_work = [setting for setting in todo if todo[setting]]
-    for position, setting in enumerate(with_work):
+    # One copy of the model at a time: the first setting that changes weights prunes the dense model itself
+    # (the reference pack is made), every later one a fresh copy read once the previous one is gone.
+    # Streamed, no setting holds a copy: each reads the layers from the source folder.
+    for setting in with_work:
         timer = StageTimer()
-        pruned = prune_stage(
-            plan, dense, setting, calibration, timer, progress, reuse_dense=position == len(with_work) - 1
-        )
-        for spec, paths in todo[setting]:
-            progress(f"sweep {paths.artifact.name}", finished, total)
-            config_timer = StageTimer()
-            config_timer.seconds = dict(timer.seconds)
-            manifest = write_export(
-                pruned, plan, spec, paths, pack, config_timer, progress, overwrite=True, save_pack=False
-            )
-            manifests[paths.manifest] = manifest
-            index["configurations"][manifest.name] = {
-                "manifest": paths.manifest.name,
-                "artifact_sha256": manifest.artifact.sha256,
-            }
-            write_json(folder / INDEX_FILE, index, overwrite=True)
-            finished += 1
-            progress(f"sweep {paths.artifact.name}", finished, total)
-        del pruned
+        model = dense if dense is not None else load_stage(plan, timer, progress)
+        if model.weights is None and setting.changes_weights:
+            dense = None  # pruned in place below: what is left is no longer the dense model
+        with prune_stage(plan, model, setting, calibration, folder, timer, progress, reuse_dense=True) as pruned:
+            for spec, paths in todo[setting]:
+                progress(f"sweep {paths.artifact.name}", finished, total)
+                config_timer = StageTimer()
+                config_timer.seconds = dict(timer.seconds)
+                manifest = write_export(
+                    pruned, plan, spec, paths, pack, config_timer, progress, overwrite=True, save_pack=False
+                )
+                manifests[paths.manifest] = manifest
+                index["configurations"][manifest.name] = {
+                    "manifest": paths.manifest.name,
+                    "artifact_sha256": manifest.artifact.sha256,
+                }
+                write_json(folder / INDEX_FILE, index, overwrite=True)
+                finished += 1
+                progress(f"sweep {paths.artifact.name}", finished, total)
+        del pruned, model
     write_json(folder / INDEX_FILE, index, overwrite=True)
     return [manifests[paths.manifest] for _, _, paths in plan_rows]
 

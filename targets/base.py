@@ -19,6 +19,7 @@ import numpy as np
 from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.runtime import Runtime
+from srcr.base.weights import TensorSource
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -58,6 +59,8 @@ class ExportResult:
 class Target(Protocol):
     name: str  # the --format value, e.g. "gguf"
     suffix: str  # artifact file suffix, e.g. ".gguf"
+    # Whether `export` converts tensor by tensor from `weights` (a model too large for memory, streamed).
+    streams: bool
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         """Validate and resolve a quantization request; raise SrcrError naming the fix if impossible.
@@ -91,11 +94,22 @@ class Target(Protocol):
         hints: Mapping[str, object] | None = None,
         progress: ProgressFn = no_progress,
         codes: Mapping[str, BlockCodes] | None = None,
+        weights: TensorSource | None = None,
     ) -> ExportResult:
         """Write the artifact to `out` (the caller guarantees `out` is a fresh temporary path).
 
         `codes` (Hugging Face weight name -> codes and scales on `spec.grid`) are written as they are.
+        With `weights` (only where `streams`), tensors are read from there one at a time and `model` is
+        a skeleton that gives the config and shapes.
         """
+        ...
+
+    def for_checkpoint(self, spec: QuantSpec, dtype: str) -> QuantSpec:
+        """The spec for a checkpoint stored in `dtype` ("bfloat16", ...): e.g. its own 16-bit type."""
+        ...
+
+    def reference_spec(self, dtype: str) -> QuantSpec:
+        """The unquantized file the reference pack is computed on when the model is streamed."""
         ...
 
     def open_runtime(self, artifact: Path, device: str = "auto") -> Runtime:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import transformers
 
+from srcr.base.placement import placed
 from srcr.base.runtime import DecoderRuntime
 from srcr.targets.hf_tokens import end_of_sequence_ids, prepended_bos
 
@@ -45,16 +46,13 @@ class TorchRuntime(DecoderRuntime):
     def borrowing(
         cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str = "cpu"
     ) -> Iterator[TorchRuntime]:
-        """The model in float32 on `device` for the block, then back on its own device and dtype."""
-        parameter = next(model.parameters())
-        home_device, home_dtype = parameter.device, parameter.dtype
-        model.to(device=device, dtype=torch.float32)
-        runtime = cls(model, tokenizer, device)
-        try:
-            yield runtime
-        finally:
-            runtime.close()
-            model.to(device=home_device, dtype=home_dtype)
+        """The model in float32 on `device` for the block, then every tensor back on its own device and dtype."""
+        with placed(model, device=device, dtype=torch.float32):
+            runtime = cls(model, tokenizer, device)
+            try:
+                yield runtime
+            finally:
+                runtime.close()
 
     @property
     def vocab_size(self) -> int:

@@ -2,9 +2,11 @@
 
 The calibration tokens go through the embedding once; the hidden states entering decoder layer 0,
 and the keyword arguments the model passes each layer, are caught with the layers bypassed.
-Then each decoder layer in turn is moved to the device, run over the calibration samples with
-every nn.Linear hooked to accumulate input statistics, pruned, run again (now pruned) to make
-the next layer's inputs, and moved back. Only one layer and its activations live on the device.
+Then each decoder layer in turn is brought to the device in float32 (by its `LayerHome`: moved
+there from memory, or read from disk when the model is streamed), run over the calibration samples
+with every nn.Linear hooked to accumulate input statistics, pruned, rounded to the checkpoint's
+dtype, run again (now pruned) to make the next layer's inputs, and handed back to its home. Only
+one layer and its activations live on the device; hidden states between layers stay float32.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 
 from srcr.base.errors import SrcrError
 from srcr.base.grids import BlockCodes, grid
+from srcr.base.placement import Placement, record, restore
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.shapes import linear_input_dims
 from srcr.exporter.pruning.method import SHARED_INPUT, PruningMethod
@@ -35,17 +38,51 @@ class _LayerInputsCaught(Exception):
     """Stops the model's forward once the last decoder layer has been reached."""
 
 
+class LayerHome(Protocol):
+    """Where decoder layers live between their turns on the device."""
+
+    def onload(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        """Put layer `index`'s weights on `device` in float32."""
+        ...
+
+    def offload(self, index: int, layer: nn.Module) -> None:
+        """Take the (pruned) layer back, in its storage dtype."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype weights are stored in between turns: pruned weights are rounded to it."""
+        ...
+
+
+class InMemory:
+    """Layers that live in the model in memory: moved to the device and back, each tensor to its own dtype."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.dtype = next(model.parameters()).dtype
+        self._placements: dict[int, Placement] = {}
+
+    def onload(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        self._placements[index] = record(layer)
+        layer.to(device=device, dtype=torch.float32)
+
+    def offload(self, index: int, layer: nn.Module) -> None:
+        restore(layer, self._placements.pop(index))
+
+
 def prune_model(
     model: nn.Module,
     calib_ids: torch.Tensor,
     spec: PruneSpec,
     device: str = "cpu",
     progress: ProgressFn = no_progress,
+    home: LayerHome | None = None,
 ) -> PruneReport:
     """Calibrate and prune every linear of every decoder layer of `model` in place.
 
     With nothing to prune (sparsity 0, no pattern) the weights are left untouched and only the
-    importance matrix is collected. Embeddings, norms and the LM head stay dense.
+    importance matrix is collected. Embeddings, norms and the LM head stay dense. `home` (default:
+    the model in memory) says where the layers are kept between their turns on the device.
     """
     validate_spec(spec)
     _check_calibration(calib_ids)
@@ -56,8 +93,9 @@ def prune_model(
     method = method_class("sparsegpt" if spec.grid is not None else spec.method) if pruning else None
     if method is not None and method.grouping != SHARED_INPUT:
         raise NotImplementedError(f"grouping {method.grouping!r} of method {spec.method!r}")
-    layer_names = _module_names(model, layers)
+    layer_names = module_names(model, layers)
     target = torch.device(device)
+    home = home or InMemory(model)
 
     start = time.perf_counter()
     per_layer: list[LayerSparsity] = []
@@ -66,8 +104,7 @@ def prune_model(
     with torch.no_grad(), inference_setup(model):
         inputs, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, target)
         for index, layer in enumerate(layers):
-            home = _device_of(layer)
-            layer.to(target)
+            home.onload(index, layer, target)
             # Unpruned, the calibration pass already computes the next layer's inputs: keep them.
             outputs = None if pruning else torch.empty_like(inputs)
             for group in calibrate_layer(layer, inputs, layer_kwargs[index], spec, method, outputs):
@@ -83,8 +120,15 @@ def prune_model(
                     else:
                         pruned = linear.weight == 0
                     per_layer.append(_sparsity_row(index, full_name, pruned))
-            inputs = run_layer(layer, inputs, layer_kwargs[index]) if outputs is None else outputs
-            layer.to(home)
+            if outputs is None:
+                # The next layer sees this one as it will be deployed: rounded to the stored dtype
+                # (GPTQ's grid values are written from its codes, exactly, whatever that dtype).
+                if spec.grid is None:
+                    round_to(layer, home.dtype)
+                inputs = run_layer(layer, inputs, layer_kwargs[index])
+            else:
+                inputs = outputs
+            home.offload(index, layer)
             progress(f"calibrate+prune layer {index + 1}/{len(layers)}", index + 1, len(layers))
         del inputs
 
@@ -127,7 +171,8 @@ def capture_layer_inputs(
     """
     caught: dict[int, dict[str, Any]] = {}
     hidden_states: list[torch.Tensor] = []
-    model_device = next(model.parameters()).device
+    # The embedding's device: a streamed model's decoder layers are still on the meta device here.
+    model_device = model.get_input_embeddings().weight.device
     originals = list(layers)
     for index, layer in enumerate(originals):
         layers[index] = _Recorder(layer, index, index == len(originals) - 1, caught, hidden_states)
@@ -140,7 +185,8 @@ def capture_layer_inputs(
                 raise SrcrError(f"{type(model).__name__} never called its first decoder layer; cannot calibrate")
             hidden = hidden_states.pop()
             if inputs is None:
-                inputs = torch.empty((calib_ids.shape[0], *hidden.shape[1:]), dtype=hidden.dtype, device=device)
+                # float32 whatever the checkpoint's dtype: the layers run in float32 on their turn.
+                inputs = torch.empty((calib_ids.shape[0], *hidden.shape[1:]), dtype=torch.float32, device=device)
             inputs[sample] = hidden[0].to(device)
     finally:
         for index, layer in enumerate(originals):
@@ -318,13 +364,17 @@ def _sparsity_row(layer: int, name: str, pruned: torch.Tensor) -> LayerSparsity:
     return LayerSparsity(layer=layer, name=name, sparsity=int(pruned.sum()) / pruned.numel(), numel=pruned.numel())
 
 
-def _module_names(model: nn.Module, layers: nn.ModuleList) -> list[str]:
+def module_names(model: nn.Module, layers: nn.ModuleList) -> list[str]:
     names = {id(module): name for name, module in model.named_modules()}
     return [names[id(layer)] for layer in layers]
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+def round_to(module: nn.Module, dtype: torch.dtype) -> None:
+    """Round the module's float32 parameters to `dtype` and back, in place (no-op for float32)."""
+    if dtype == torch.float32:
+        return
+    for parameter in module.parameters():
+        parameter.data = parameter.data.to(dtype).to(torch.float32)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -1,14 +1,19 @@
-"""Hugging Face causal LM (in memory) -> F32/F16 GGUF file that llama.cpp loads.
+"""Hugging Face causal LM -> F32/F16/BF16 GGUF file that llama.cpp loads.
 
 Hyperparameters and tensor names follow gguf-py's tables (`gguf.get_tensor_name_map`); the only
 weight transform is the rotary permutation of q/k for the `llama` architecture, whose graph uses
 llama.cpp's interleaved (GPT-J style) rope on the rows that Hugging Face keeps in rotate-half order.
+
+The file is written tensor by tensor: every tensor's header entry comes from the model's shapes,
+then each tensor is read from its `TensorSource` (the model in memory, or a folder of safetensors),
+converted and written before the next is read, so the writer holds one tensor at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -20,6 +25,7 @@ import torch
 from srcr.base.errors import SrcrError
 from srcr.base.grids import BlockCodes
 from srcr.base.shapes import head_dim as head_dim_of
+from srcr.base.weights import ModuleTensors, TensorSource
 from srcr.targets.gguf.blocks import GGML_TYPES, pack
 from srcr.targets.gguf.vocab import tokenizer_metadata
 
@@ -41,7 +47,12 @@ _ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
 
-_FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}
+_FILE_TYPES = {
+    "F32": gguf.LlamaFileType.ALL_F32,
+    "F16": gguf.LlamaFileType.MOSTLY_F16,
+    "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+}
+FILE_TYPES = tuple(_FILE_TYPES)
 
 
 def architecture_spec(config: PretrainedConfig) -> ArchitectureSpec:
@@ -89,17 +100,19 @@ def convert_to_gguf(
     model: Any,
     tokenizer: Any,
     out: Path,
-    ftype: Literal["F32", "F16"],
+    ftype: Literal["F32", "F16", "BF16"],
     hints: dict[str, Any] | None = None,
     codes: Mapping[str, BlockCodes] | None = None,
+    weights: TensorSource | None = None,
 ) -> dict[str, str]:
     """Write `model` + `tokenizer` to `out` as a GGUF; return {hf weight name: GGUF tensor name}.
 
     Weights named in `codes` are written as their grid's ggml type from those codes and scales (no
-    rounding here), every other one as `ftype`.
+    rounding here), every other one as `ftype`. Tensors are read from `weights` (default: the model's
+    own); `model` then only gives the config and the shapes, and may be a skeleton on the meta device.
     """
     if ftype not in _FILE_TYPES:
-        raise ValueError(f"ftype must be F32 or F16, got {ftype!r}")
+        raise ValueError(f"ftype must be one of {', '.join(_FILE_TYPES)}, got {ftype!r}")
     config = model.config
     arch = architecture_for(model)
     vocab = tokenizer_metadata(tokenizer, config.vocab_size, hints)
@@ -109,16 +122,34 @@ def convert_to_gguf(
     try:
         _add_hyperparameters(writer, config, _FILE_TYPES[ftype], model.name_or_path or "srcr-export", shapes)
         vocab.add_to_gguf(writer)
+        jobs: list[_Tensor] = []
         rope_freqs = _add_rope(writer, config)
         if rope_freqs is not None:
-            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
-        names = _add_weights(writer, model, arch, ftype, codes or {})
+            name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+            jobs.append(_Tensor(name, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes, None, lambda: rope_freqs))
+        names = _weight_tensors(model, weights or ModuleTensors(model), arch, ftype, codes or {}, jobs)
+        for job in jobs:
+            writer.add_tensor_info(job.name, job.shape, job.dtype, job.nbytes, raw_dtype=job.raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for job in jobs:
+            writer.write_tensor_data(job.read())
     finally:
         writer.close()
     return names
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor of the file: its header entry, and how to read its data when its turn comes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+    raw_dtype: gguf.GGMLQuantizationType | None
+    read: Callable[[], np.ndarray]
 
 
 def _add_hyperparameters(
@@ -209,15 +240,20 @@ def interleave_rope_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
 _ROPE_ROWS = ("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")
 
 
-def _add_weights(
-    writer: gguf.GGUFWriter, model: Any, arch: ArchitectureSpec, ftype: str, codes: Mapping[str, BlockCodes]
+def _weight_tensors(
+    model: Any,
+    weights: TensorSource,
+    arch: ArchitectureSpec,
+    ftype: str,
+    codes: Mapping[str, BlockCodes],
+    jobs: list[_Tensor],
 ) -> dict[str, str]:
     config = model.config
     name_map = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
     head_dim = head_dim_of(config)
     tied = _embeddings_tied(model)
     names: dict[str, str] = {}
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, meta in model.state_dict().items():
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise SrcrError(
@@ -229,25 +265,56 @@ def _add_weights(
             # inputs of the output projection) then belongs to token_embd.
             names[hf_name] = "token_embd.weight"
             continue
-        permute = arch.permute_qk and gguf_name.endswith(_ROPE_ROWS)
+        names[hf_name] = gguf_name
+        # Per head: the heads of this very layer (structured pruning may leave layers with different counts).
+        heads = meta.shape[0] // head_dim if arch.permute_qk and gguf_name.endswith(_ROPE_ROWS) else None
+        shape = tuple(meta.shape)
         if hf_name in codes:
             quantized = codes[hf_name]
-            if permute:
-                heads = quantized.codes.shape[0] // head_dim
-                quantized = quantized.map_rows(lambda rows, heads=heads: interleave_rope_rows(rows, heads))
-            writer.add_tensor(gguf_name, pack(quantized), raw_dtype=GGML_TYPES[quantized.grid])
-            names[hf_name] = gguf_name
+            block, type_size = gguf.GGML_QUANT_SIZES[GGML_TYPES[quantized.grid]]
+            byte_shape = (*shape[:-1], shape[-1] // block * type_size)
+            read = functools.partial(_packed, quantized, heads)
+            jobs.append(
+                _Tensor(
+                    gguf_name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), GGML_TYPES[quantized.grid], read
+                )
+            )
             continue
-        data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
-        if permute:
-            # Per head: the heads of this very layer (structured pruning may leave layers with different counts).
-            data = interleave_rope_rows(data, data.shape[0] // head_dim)
         # llama.cpp keeps norms and biases in F32 whatever the file type.
-        if ftype == "F16" and data.ndim >= 2:
-            data = data.astype(np.float16)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(data))
-        names[hf_name] = gguf_name
+        kind = ftype if len(shape) >= 2 else "F32"
+        dtype, raw_dtype = _STORED[kind]
+        stored_shape = (*shape[:-1], shape[-1] * 2) if kind == "BF16" else shape
+        read = functools.partial(_converted, weights, hf_name, kind, heads)
+        jobs.append(_Tensor(gguf_name, stored_shape, dtype, math.prod(stored_shape) * dtype.itemsize, raw_dtype, read))
     return names
+
+
+# File type of a tensor -> (numpy dtype handed to gguf-py, raw ggml type). BF16 goes as its bytes.
+_STORED = {
+    "F32": (np.dtype(np.float32), None),
+    "F16": (np.dtype(np.float16), None),
+    "BF16": (np.dtype(np.uint8), gguf.GGMLQuantizationType.BF16),
+}
+
+
+def _converted(weights: TensorSource, name: str, kind: str, heads: int | None) -> np.ndarray:
+    tensor = weights.get(name).detach().cpu()
+    if kind == "BF16":
+        data = tensor.to(torch.bfloat16).view(torch.int16).numpy()
+    else:
+        data = tensor.to(torch.float32).numpy()
+        if kind == "F16":
+            data = data.astype(np.float16)
+    if heads is not None:
+        data = interleave_rope_rows(data, heads)
+    data = np.ascontiguousarray(data)
+    return data.view(np.uint8) if kind == "BF16" else data
+
+
+def _packed(quantized: BlockCodes, heads: int | None) -> np.ndarray:
+    if heads is not None:
+        quantized = quantized.map_rows(lambda rows: interleave_rope_rows(rows, heads))
+    return pack(quantized)
 
 
 def _embeddings_tied(model: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import time
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from srcr.base.errors import SrcrError
 from srcr.base.files import temp_name
 from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.weights import SafetensorsFolder, TensorSource
 from srcr.targets.base import DEFAULT_BITS, ExportResult, Imatrix, QuantSpec
 from srcr.targets.gguf.blocks import GGML_TYPES
 from srcr.targets.gguf.convert import SUPPORTED_ARCHITECTURES, architecture_spec, convert_to_gguf, rope_parameters
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 # Options resolve_quant accepts; `pure` turns off llama.cpp's per-tensor K-quant mix, `quantizer` picks
 # who rounds the decoder's weight matrices: llama.cpp (default) or srcr's GPTQ.
 _OPTIONS = ("pure", "quantizer")
-UNQUANTIZED = ("F32", "F16")
+UNQUANTIZED = ("F32", "F16", "BF16")
 QUANTIZERS = ("llama.cpp", "gptq")
 # --bits -> the type srcr's GPTQ writes: the legacy block types, whose 32-weight blocks fit any row of a
 # multiple of 32; the K-quants (256-weight super-blocks) at 2, 3 and 6 bits. Q4_K and Q5_K by --quant-type.
@@ -50,6 +52,7 @@ GPTQ_LLAMA_CPP_FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 class GGUFTarget:
     name = "gguf"
     suffix = ".gguf"
+    streams = True
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         options = {key: value for key, value in options.items() if value is not None}
@@ -122,6 +125,7 @@ class GGUFTarget:
         hints: Mapping[str, object] | None = None,
         progress: ProgressFn = no_progress,
         codes: Mapping[str, BlockCodes] | None = None,
+        weights: TensorSource | None = None,
     ) -> ExportResult:
         out = Path(out)
         codes = dict(codes or {})
@@ -135,15 +139,17 @@ class GGUFTarget:
         stage_seconds: dict[str, float] = {}
         started = time.perf_counter()
         if unquantized:
-            _, converter = convert(model, tokenizer, out, spec.quant_type, hints)
+            _, converter = convert(model, tokenizer, out, spec.quant_type, hints, weights=weights)
             _check_loads(out)
             gguf_imatrix: dict = {}
             keep: dict[str, str] = {}
         else:
-            # The full-precision intermediate lies beside the artifact under a temporary name of its own.
-            full_precision = out.parent / temp_name(f"{out.name}.f32")
+            # The full-precision intermediate lies beside the artifact under a temporary name of its own,
+            # in the checkpoint's dtype: exact, and half the size of F32 for a 16-bit checkpoint.
+            full_precision = out.parent / temp_name(f"{out.name}.full")
             try:
-                names, converter = convert(model, tokenizer, full_precision, "F32", hints, codes)
+                intermediate = lossless_type(model)
+                names, converter = convert(model, tokenizer, full_precision, intermediate, hints, codes, weights)
                 _check_loads(full_precision)
                 # With GPTQ codes the importance matrix is left out: it covers only the decoder's matrices,
                 # which are quantized already and pinned to their type (`keep`). llama.cpp's converter may
@@ -205,6 +211,25 @@ class GGUFTarget:
     def open_runtime(self, artifact: Path, device: str = "auto") -> LlamaCppRuntime:
         return LlamaCppRuntime(Path(artifact), n_gpu_layers=gpu_layers_for(device))
 
+    def for_checkpoint(self, spec: QuantSpec, dtype: str) -> QuantSpec:
+        """--bits 16 of a bfloat16 checkpoint is BF16: F16 would round its weights a second time."""
+        if spec.quant_type == "F16" and spec.grid is None and dtype == "bfloat16":
+            return dataclasses.replace(spec, quant_type="BF16")
+        return spec
+
+    def reference_spec(self, dtype: str) -> QuantSpec:
+        """The file the reference runs on when the model is not held in memory: the checkpoint, unrounded."""
+        return QuantSpec(format=self.name, bits=16, quant_type=_LOSSLESS.get(dtype, "F32"), options={})
+
+
+# torch dtype name -> the GGUF type that holds it exactly.
+_LOSSLESS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def lossless_type(model: PreTrainedModel) -> str:
+    """The GGUF type that holds the model's weights exactly (F32 for anything but a 16-bit checkpoint)."""
+    return _LOSSLESS.get(str(next(model.parameters()).dtype).removeprefix("torch."), "F32")
+
 
 SRCR_WRITER = "srcr (targets/gguf/convert.py)"
 
@@ -221,13 +246,16 @@ def convert(
     file_type: str,
     hints: Mapping[str, object] | None,
     codes: Mapping[str, BlockCodes] | None = None,
+    weights: TensorSource | None = None,
 ) -> tuple[dict[str, str], str]:
-    """The model as an F32/F16 GGUF: ({HF weight name: GGUF tensor name}, which converter wrote it)."""
+    """The model as an F32/F16/BF16 GGUF: ({HF weight name: GGUF tensor name}, which converter wrote it).
+    Tensors come from `weights` when given (a streamed model's folder), else from the model."""
     if writes_itself(model.config):
-        return convert_to_gguf(model, tokenizer, out, file_type, hints, codes), SRCR_WRITER
+        return convert_to_gguf(model, tokenizer, out, file_type, hints, codes, weights), SRCR_WRITER
     if codes:
         raise SrcrError("GPTQ codes can only be written by srcr's own GGUF writer")
-    return convert_with_llama_cpp(model, tokenizer, out, file_type, hints)
+    folder = weights.folder if isinstance(weights, SafetensorsFolder) else None
+    return convert_with_llama_cpp(model, tokenizer, out, file_type, hints, folder)
 
 
 def check_written_as_solved(reader: gguf.GGUFReader, solved: Mapping[str, str]) -> dict[str, str]:

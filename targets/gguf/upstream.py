@@ -199,9 +199,11 @@ def convert_with_llama_cpp(
     out: Path,
     file_type: str,
     hints: Mapping[str, object] | None = None,
+    folder: Path | None = None,
 ) -> tuple[dict[str, str], str]:
-    """Write `model` to `out` (F32 or F16) with llama.cpp's converter; return ({HF weight name: GGUF
-    tensor name} for the linear weights that kept their input width, the converter's label)."""
+    """Write `model` to `out` (F32, F16 or BF16) with llama.cpp's converter; return ({HF weight name: GGUF
+    tensor name} for the linear weights that kept their input width, the converter's label). With
+    `folder`, the model is already saved there (a streamed model's pruned folder; `model` is a skeleton)."""
     import gguf
     import torch
 
@@ -209,9 +211,13 @@ def convert_with_llama_cpp(
     converter = locate_converter()
     source = hints.get("source_folder")
     model_name = hints.get("model_name")
-    with temporary_folder(Path(out).parent, "hf-model") as folder:
-        write_model_folder(model, tokenizer, Path(str(source)) if source else None, folder)
-        run_converter(converter, folder, Path(out), file_type.lower(), str(model_name) if model_name else None)
+    name = str(model_name) if model_name else None
+    if folder is not None:
+        run_converter(converter, folder, Path(out), file_type.lower(), name)
+    else:
+        with temporary_folder(Path(out).parent, "hf-model") as saved:
+            write_model_folder(model, tokenizer, Path(str(source)) if source else None, saved)
+            run_converter(converter, saved, Path(out), file_type.lower(), name)
     reader = gguf.GGUFReader(out)
     arch_name = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     columns = {tensor.name: int(tensor.shape[0]) for tensor in reader.tensors if len(tensor.shape) == 2}

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 from srcr.base.errors import SrcrError
 from srcr.base.files import temporary_folder
 from srcr.base.grids import BlockCodes
+from srcr.base.placement import placed
 from srcr.base.progress import ProgressFn, no_progress
+from srcr.base.weights import TensorSource
 from srcr.targets.base import ExportResult, Imatrix, QuantSpec
 from srcr.targets.onnx import spec as specs
 from srcr.targets.onnx.quantize import Quantized, quantize_graph
@@ -34,6 +36,14 @@ def require_onnx() -> Any:
 class ONNXTarget:
     name = "onnx"
     suffix = ".onnx"
+    # torch.onnx traces the whole model in memory (docs/performance.md: how large a model that allows).
+    streams = False
+
+    def for_checkpoint(self, spec: QuantSpec, dtype: str) -> QuantSpec:
+        return spec  # 16-bit is float16: ONNX Runtime's CPU provider has no bfloat16 MatMul
+
+    def reference_spec(self, dtype: str) -> QuantSpec:
+        raise SrcrError("the ONNX target does not stream; export with --no-stream or --format gguf")
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         require_onnx()
@@ -59,10 +69,13 @@ class ONNXTarget:
         hints: Mapping[str, object] | None = None,
         progress: ProgressFn = no_progress,
         codes: Mapping[str, BlockCodes] | None = None,
+        weights: TensorSource | None = None,
     ) -> ExportResult:
         """Trace, quantize and write `out` (one .onnx file; `<name>.data` beside it only past 2 GB)."""
         from srcr.targets.onnx import artifact
 
+        if weights is not None:
+            raise SrcrError("the ONNX target traces a model in memory; export with --no-stream")
         if spec.grid is not None and not codes:
             raise SrcrError(f"{spec.quant_type} needs the calibration pass's GPTQ codes; none came")
         if codes and (spec.grid is None or any(matrix.grid != spec.grid for matrix in codes.values())):
@@ -76,7 +89,10 @@ class ONNXTarget:
         with temporary_folder(out.parent, f"{out.name}.work") as workdir:
             progress("export onnx graph", 0, 1)
             started = time.perf_counter()
-            proto, weights, counts = _export_graph(model, workdir)
+            import torch
+
+            with placed(model, dtype=torch.float32):  # the graph computes in float32 whatever the checkpoint's
+                proto, weights, counts = _export_graph(model, workdir)
             convert_seconds = time.perf_counter() - started
             started = time.perf_counter()
             progress("export onnx graph", 1, 1)

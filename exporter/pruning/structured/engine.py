@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from srcr.base.progress import ProgressFn, no_progress
-from srcr.exporter.pruning.driver import capture_layer_inputs, decoder_layers, inference_setup, run_layer
+from srcr.exporter.pruning.driver import InMemory, capture_layer_inputs, decoder_layers, inference_setup, run_layer
 from srcr.exporter.pruning.structured import depth, surgery, width
 from srcr.exporter.pruning.structured.spec import LayerWidths, StructureReport, StructureSpec, check_structure
 
@@ -88,11 +88,11 @@ def _block_influence(
 ) -> list[float]:
     inputs, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, target)
     scores = []
+    home = InMemory(model)
     for index, layer in enumerate(layers):
-        home = next(layer.parameters()).device
-        layer.to(target)
+        home.onload(index, layer, target)
         outputs = run_layer(layer, inputs, layer_kwargs[index])
-        layer.to(home)
+        home.offload(index, layer)
         scores.append(depth.block_influence(inputs, outputs))
         inputs = outputs
         progress(f"block influence layer {index + 1}/{len(layers)}", index + 1, len(layers))
@@ -105,9 +105,9 @@ def _width_statistics(
     """Per layer: the statistics of o_proj's and down_proj's inputs, on the dense propagation."""
     inputs, layer_kwargs = capture_layer_inputs(model, layers, calib_ids, target)
     collected = []
+    home = InMemory(model)
     for index, layer in enumerate(layers):
-        home = next(layer.parameters()).device
-        layer.to(target)
+        home.onload(index, layer, target)
         statistics = {
             "attention": width.ChannelStatistics(layer.self_attn.o_proj.in_features),
             "ffn": width.ChannelStatistics(layer.mlp.down_proj.in_features),
@@ -121,7 +121,7 @@ def _width_statistics(
         finally:
             for handle in handles:
                 handle.remove()
-        layer.to(home)
+        home.offload(index, layer)
         collected.append(statistics)
         progress(f"width statistics layer {index + 1}/{len(layers)}", index + 1, len(layers))
     return collected

@@ -1,0 +1,181 @@
+"""Peak host memory of a whole streamed export (calibrate + prune + convert + quantize + evaluate) against depth.
+
+Random bfloat16 Llamas with Llama-3.2-1B's widths (hidden 2048, intermediate 8192, 32 heads, 8 KV heads)
+and SmolLM2's tokenizer (vocabulary 49152, tied embeddings), saved shard by shard as safetensors without
+ever holding the model: 3 layers (0.28B parameters) and 18 layers (1.19B, 2.4 GB on disk). Each runs
+`srcr export --stream on` in a child; a thread samples the RSS of that child and of its children (the
+quantizer runs in one) every 50 ms, summed, both in total and anonymous (RssAnon: memory that is not a
+file's pages; llama.cpp maps the GGUF it runs, and those pages count in RSS but are the page cache's to
+drop). The baseline is a process that has imported what the export imports. Pass `--in-memory` to also
+run the smallest model with `--stream off` for contrast.
+
+    .venv/bin/python bench/bench_stream_memory.py [--layers 3,18] [--in-memory] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+GIB = 1024**3
+ROOT = Path(__file__).resolve().parents[1]
+WIDTHS = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+    "rope_theta": 500000.0,
+}
+EXPORT = [
+    "--sparsity", "0.5", "--bits", "4", "--calib-samples", "8", "--seq-len", "256",
+    "--eval-windows", "2", "--last-word-items", "10", "--new-tokens", "8", "--no-builtin-prompts",
+    "--prompts", str(ROOT / "tests" / "data" / "prompts_small.jsonl"),
+]  # fmt: skip
+BASELINE = (
+    "import psutil, torch, transformers, llama_cpp, gguf, sentence_transformers; "
+    "import srcr.exporter.pipeline, srcr.targets.gguf.target, srcr.evaluators.reference; "
+    "anon = [int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('RssAnon:')]; "
+    "print(psutil.Process().memory_info().rss, anon[0])"
+)
+
+
+def build_model(folder: Path, layers: int) -> int:
+    """Write a random bfloat16 Llama one layer per shard; return its parameter count."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from srcr.base.weights import FolderWriter
+    from srcr.exporter.models import ensure_default_checkpoint
+
+    tokenizer_folder = ensure_default_checkpoint()
+    config = LlamaConfig(vocab_size=49152, num_hidden_layers=layers, dtype="bfloat16", **WIDTHS)
+    config.bos_token_id, config.eos_token_id = 1, 2
+    with init_empty_weights():
+        skeleton = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    writer = FolderWriter(folder)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, parameter in skeleton.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied
+        group = name.split(".")[2] if name.startswith("model.layers.") else "other"
+        groups.setdefault(group, {})[name] = parameter
+    count = 0
+    for group, tensors in groups.items():
+        made = {}
+        for name, meta in tensors.items():
+            if name.endswith("norm.weight"):
+                made[name] = torch.ones(meta.shape, dtype=torch.bfloat16)
+            else:
+                made[name] = (torch.randn(meta.shape, generator=generator) * 0.02).to(torch.bfloat16)
+            count += meta.numel()
+        writer.write(f"model-{group}.safetensors", made)
+    writer.finish()
+    config.save_pretrained(folder)
+    for file in tokenizer_folder.iterdir():
+        if file.name.startswith("tokenizer") or file.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copyfile(file, folder / file.name)
+    return count
+
+
+def _anon(process: psutil.Process) -> int:
+    try:
+        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_export(model: Path, out: Path, stream: str) -> dict:
+    command = [str(ROOT / ".venv" / "bin" / "srcr"), "export", "--model", str(model), "--out", str(out)]
+    command += [*EXPORT, "--stream", stream, "--json"]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = {"rss": 0, "anon": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(child.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+                rss = sum(process.memory_info().rss for process in tree)
+                anon = sum(_anon(process) for process in tree)
+            except psutil.Error:
+                break
+            peak["rss"], peak["anon"] = max(peak["rss"], rss), max(peak["anon"], anon)
+            done.wait(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    stdout, _ = child.communicate()
+    done.set()
+    thread.join()
+    if child.returncode != 0:
+        raise SystemExit(f"srcr export failed ({child.returncode})")
+    manifest = json.loads(stdout)
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_rss": peak["rss"],
+        "peak_anon": peak["anon"],
+        "timings_s": manifest["timings_s"],
+        "artifact_bytes": manifest["artifact"]["bytes"],
+        "sr": manifest["sr"],
+        "reference": manifest["device"]["reference"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="3,18")
+    parser.add_argument("--in-memory", action="store_true", help="also run the smallest model with --stream off")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    printed = subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout
+    baseline, baseline_anon = (int(value) for value in printed.split())
+    rows = []
+    runs = [(int(layers), "on") for layers in args.layers.split(",")]
+    if args.in_memory:
+        runs.append((min(layers for layers, _ in runs), "off"))
+    parameters: dict[int, int] = {}
+    (ROOT / "bench-results").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / "bench-results") as scratch:
+        for layers, stream in runs:
+            model = Path(scratch) / f"llama-{layers}"
+            if layers not in parameters:
+                parameters[layers] = build_model(model, layers)
+            on_disk = sum(file.stat().st_size for file in model.glob("*.safetensors"))
+            result = run_export(model, Path(scratch) / f"out-{layers}-{stream}", stream)
+            row = {
+                "layers": layers,
+                "stream": stream,
+                "parameters_b": round(parameters[layers] / 1e9, 3),
+                "checkpoint_gib": round(on_disk / GIB, 2),
+                "baseline_rss_gib": round(baseline / GIB, 2),
+                "baseline_anon_gib": round(baseline_anon / GIB, 2),
+                "peak_rss_above_baseline_gib": round((result["peak_rss"] - baseline) / GIB, 2),
+                "peak_anon_above_baseline_gib": round((result["peak_anon"] - baseline_anon) / GIB, 2),
+                **{key: value for key, value in result.items() if key not in ("peak_rss", "peak_anon")},
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
