@@ -6,10 +6,11 @@ ever holding the model: 3 layers (0.28B parameters) and 18 layers (1.19B, 2.4 GB
 `srcr export --stream on` in a child; a thread samples the RSS of that child and of its children (the
 quantizer runs in one) every 50 ms, summed, both in total and anonymous (RssAnon: memory that is not a
 file's pages; llama.cpp maps the GGUF it runs, and those pages count in RSS but are the page cache's to
-drop). The baseline is a process that has imported what the export imports. Pass `--in-memory` to also
-run the smallest model with `--stream off` for contrast.
+drop). The baseline is a process that has imported what the export imports. `--runs` lists
+layers:stream:format triples; the default adds the smallest model in memory (`--stream off`) for
+contrast, and `3:off:onnx` measures the ONNX exporter, which traces the whole model.
 
-    .venv/bin/python bench/bench_stream_memory.py [--layers 3,18] [--in-memory] [--json out.json]
+    .venv/bin/python bench/bench_stream_memory.py [--runs 3:on:gguf,18:on:gguf,3:off:gguf] [--json out.json]
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def build_model(folder: Path, layers: int) -> int:
     tokenizer_folder = ensure_default_checkpoint()
     config = LlamaConfig(vocab_size=49152, num_hidden_layers=layers, dtype="bfloat16", **WIDTHS)
     config.bos_token_id, config.eos_token_id = 1, 2
+    config.architectures = ["LlamaForCausalLM"]
     with init_empty_weights():
         skeleton = LlamaForCausalLM(config)
     generator = torch.Generator().manual_seed(0)
@@ -100,9 +102,9 @@ def _anon(process: psutil.Process) -> int:
     return 0
 
 
-def run_export(model: Path, out: Path, stream: str) -> dict:
+def run_export(model: Path, out: Path, stream: str, fmt: str) -> dict:
     command = [str(ROOT / ".venv" / "bin" / "srcr"), "export", "--model", str(model), "--out", str(out)]
-    command += [*EXPORT, "--stream", stream, "--json"]
+    command += [*EXPORT, "--stream", stream, "--format", fmt, "--json"]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = {"rss": 0, "anon": 0}
@@ -141,28 +143,26 @@ def run_export(model: Path, out: Path, stream: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="3,18")
-    parser.add_argument("--in-memory", action="store_true", help="also run the smallest model with --stream off")
+    parser.add_argument("--runs", default="3:on:gguf,18:on:gguf,3:off:gguf", help="layers:stream:format, ...")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     printed = subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout
     baseline, baseline_anon = (int(value) for value in printed.split())
     rows = []
-    runs = [(int(layers), "on") for layers in args.layers.split(",")]
-    if args.in_memory:
-        runs.append((min(layers for layers, _ in runs), "off"))
+    runs = [(int(layers), stream, fmt) for layers, stream, fmt in (run.split(":") for run in args.runs.split(","))]
     parameters: dict[int, int] = {}
     (ROOT / "bench-results").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "bench-results") as scratch:
-        for layers, stream in runs:
+        for layers, stream, fmt in runs:
             model = Path(scratch) / f"llama-{layers}"
             if layers not in parameters:
                 parameters[layers] = build_model(model, layers)
             on_disk = sum(file.stat().st_size for file in model.glob("*.safetensors"))
-            result = run_export(model, Path(scratch) / f"out-{layers}-{stream}", stream)
+            result = run_export(model, Path(scratch) / f"out-{layers}-{stream}-{fmt}", stream, fmt)
             row = {
                 "layers": layers,
                 "stream": stream,
+                "format": fmt,
                 "parameters_b": round(parameters[layers] / 1e9, 3),
                 "checkpoint_gib": round(on_disk / GIB, 2),
                 "baseline_rss_gib": round(baseline / GIB, 2),

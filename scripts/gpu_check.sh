@@ -3,8 +3,11 @@
 #   bash scripts/gpu_check.sh            # writes to $OUT (the device tool's folder) or bench-results/
 # 1. the CUDA pruning path against the CPU one (tests/test_pruning.py::test_cuda_device_matches_cpu), when
 #    pytest is installed; 2. bench_solver.py at full Llama-3.1-8B shapes (128 x 2048 tokens, bf16
-#    activations, with every in-leaf solver variant) against the column-by-column baseline.
-# Needs only torch, transformers, numpy and rich: no llama.cpp, gguf or onnxruntime.
+#    activations, with every in-leaf solver variant) against the column-by-column baseline; 3. the streamed
+#    calibrate + prune of a 4-layer Llama-3.1-8B-shaped bf16 model read from disk (bench_stream_prune.py):
+#    seconds per layer (goal <= 1.3 s), peak GPU memory, peak host RSS.
+# Needs torch, transformers, accelerate, safetensors, numpy, psutil and rich: no llama.cpp, gguf or
+# onnxruntime (the GGUF conversion and evaluation after pruning run on the CPU machines' test suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-results}"
@@ -20,3 +23,10 @@ if "$python" -c "import pytest" 2>/dev/null; then
 fi
 "$python" bench/bench_solver.py --device cuda --repeats "${REPEATS:-3}" --json "$out/solver_cuda.json" \
     2> >(tee "$out/solver_cuda.txt" >&2)
+if "$python" -c "import accelerate, safetensors, psutil" 2>/dev/null; then
+    "$python" bench/bench_stream_prune.py --device cuda --layers "${STREAM_LAYERS:-4}" \
+        --json "$out/stream_prune_cuda.json" 2> >(tee "$out/stream_prune_cuda.txt" >&2)
+else
+    echo "bench_stream_prune.py skipped: accelerate, safetensors or psutil missing (carry them in PYTHONPATH)" \
+        | tee "$out/stream_prune_cuda.txt"
+fi

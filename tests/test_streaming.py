@@ -232,3 +232,35 @@ def test_streaming_holds_about_one_layer_not_the_model(smollm_tokenizer, tmp_pat
     assert layers_bytes > 260e6
     assert growth < layers_bytes / 2, f"peak grew {growth / 1e6:.0f} MB for {layers_bytes / 1e6:.0f} MB of layers"
     assert len(SafetensorsFolder(tmp_path / "pruned").names()) == len(SafetensorsFolder(tmp_path / "model").names())
+
+
+@pytest.mark.slow
+def test_smollm2_streamed_export_is_byte_identical(tmp_path):
+    """The embedded SmolLM2 (float32, tied embeddings) streamed and in memory: the same GGUF, byte for byte."""
+    common = ["--sparsity", "0.5", "--bits", "4", "--no-eval", "--calib-samples", "8", "--seq-len", "256"]
+    streamed = _export(*common, "--stream", "on", "--out", str(tmp_path / "on"))
+    in_memory = _export(*common, "--stream", "off", "--out", str(tmp_path / "off"))
+    assert streamed["source_model"]["dtype"] == "float32"
+    assert streamed["pruning"]["streamed"] and not in_memory["pruning"]["streamed"]
+    assert streamed["artifact"]["sha256"] == in_memory["artifact"]["sha256"]
+    assert _sha256(tmp_path / "on" / streamed["artifact"]["file"]) == streamed["artifact"]["sha256"]
+    assert streamed["pruning"]["per_layer"] == in_memory["pruning"]["per_layer"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "fits", "streams"), [("gguf", False, True), ("gguf", True, False), ("onnx", False, False)]
+)
+def test_stream_auto_streams_what_does_not_fit_and_can_stream(
+    bf16_sharded_dir, tmp_path, monkeypatch, fmt, fits, streams
+):
+    from srcr.exporter import pipeline
+    from srcr.exporter.evaluation import EvalOptions
+
+    monkeypatch.setattr(pipeline, "stream_fits", lambda source: fits)
+    options = pipeline.ExportOptions(
+        model=str(bf16_sharded_dir), format=fmt, out=tmp_path, evaluation=EvalOptions(enabled=False)
+    )
+    setting = pipeline.Setting(pipeline.prune_spec_for(0.5, None, pipeline.PruneOptions()))
+    plan = pipeline.make_plan(options, [8], None, [setting])
+    assert plan.stream is streams
+    assert plan.reference == ("artifact" if streams else "torch")
