@@ -264,3 +264,19 @@ def test_stream_auto_streams_what_does_not_fit_and_can_stream(
     plan = pipeline.make_plan(options, [8], None, [setting])
     assert plan.stream is streams
     assert plan.reference == ("artifact" if streams else "torch")
+
+
+def test_streamed_sweep_writes_the_in_memory_sweeps_files(bf16_sharded_dir, tmp_path):
+    """Both settings of a streamed sweep (the statistics-only pass reads layers and writes none) give the
+    files of the in-memory sweep, which prunes the dense model itself and then a fresh copy."""
+    prompts = str(Path(__file__).parent / "data" / "prompts_small.jsonl")
+    common = ["sweep", "--model", str(bf16_sharded_dir), "--sparsity", "0,0.5", "--bits", "8", "--reference",
+              "artifact", "--calib-samples", "4", "--seq-len", "64", "--eval-windows", "1", "--last-word-items", "4",
+              "--new-tokens", "4", "--no-builtin-prompts", "--prompts", prompts, "--json"]  # fmt: skip
+    files = {}
+    for stream in ("on", "off"):
+        result = runner.invoke(app, [*common, "--stream", stream, "--out", str(tmp_path / stream)])
+        assert result.exit_code == 0, result.output
+        files[stream] = {path.name: _sha256(path) for path in (tmp_path / stream).glob("*.gguf")}
+        assert not [path for path in (tmp_path / stream).iterdir() if path.name.startswith(".")]
+    assert len(files["on"]) == 2 and files["on"] == files["off"]
