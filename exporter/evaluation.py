@@ -18,6 +18,7 @@ from srcr.evaluators.reference import EvalSettings, ReferencePack
 from srcr.exporter.calibration import TextSource, evaluation_text
 from srcr.exporter.models import LoadedModel
 from srcr.targets.base import QuantSpec, Target
+from srcr.targets.hf_tokens import chat_template_tokens
 
 
 @dataclass
@@ -122,7 +123,7 @@ def build_reference_from_artifact(
         target.export(
             loaded.model, loaded.tokenizer, spec, file, hints=hints, progress=progress, weights=loaded.weights
         )
-        runtime = target.open_runtime(file, device="auto")
+        runtime = ChatTemplated(target.open_runtime(file, device="auto"), loaded.tokenizer)
         try:
             pack = build_reference_pack(
                 runtime, inputs.settings, inputs.text.text, inputs.prompts, inputs.tasks, load_embedder(), progress,
@@ -133,6 +134,22 @@ def build_reference_from_artifact(
     pack.meta["base_runtime"]["artifact_type"] = spec.quant_type
     _record_eval_text(pack, inputs)
     return pack
+
+
+class ChatTemplated:
+    """A runtime that prompts through the Hugging Face tokenizer's chat template, as the PyTorch reference
+    does: llama.cpp's runtime renders no template, and prompts without one are another evaluation
+    (SmolLM2: semantic retention 0.15 instead of 0.43 for the same file). The pack stores the prompt ids,
+    so the artifact is then prompted with exactly these."""
+
+    def __init__(self, runtime: Any, tokenizer: Any) -> None:
+        self.runtime, self.tokenizer = runtime, tokenizer
+
+    def chat_tokens(self, prompt: str) -> list[int] | None:
+        return chat_template_tokens(self.tokenizer, prompt)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runtime, name)
 
 
 def _record_eval_text(pack: ReferencePack, inputs: EvalInputs) -> None:

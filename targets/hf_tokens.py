@@ -28,3 +28,15 @@ def prepended_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
     bos = tokenizer.bos_token_id
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     return int(bos) if bos is not None and with_special[:1] == [bos] else None
+
+
+def chat_template_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int] | None:
+    """The prompt as a single user turn in the model's chat template, ready for the reply; None without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    # transformers 5 returns a BatchEncoding here; 4.x returned the id list itself.
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return [int(token) for token in ids]

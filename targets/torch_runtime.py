@@ -17,7 +17,7 @@ import transformers
 
 from srcr.base.placement import placed
 from srcr.base.runtime import DecoderRuntime
-from srcr.targets.hf_tokens import end_of_sequence_ids, prepended_bos
+from srcr.targets.hf_tokens import chat_template_tokens, end_of_sequence_ids, prepended_bos
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,15 +65,7 @@ class TorchRuntime(DecoderRuntime):
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
     def chat_tokens(self, prompt: str) -> list[int] | None:
-        """The prompt as a single user turn in the model's chat template, ready for the reply."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return None
-        encoded = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        # transformers 5 returns a BatchEncoding here; 4.x returned the id list itself.
-        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        return [int(token) for token in ids]
+        return chat_template_tokens(self.tokenizer, prompt)
 
     @torch.inference_mode()
     def forward(self, tokens: Sequence[int], reset: bool, first_row: int) -> np.ndarray:

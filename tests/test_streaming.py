@@ -280,3 +280,29 @@ def test_streamed_sweep_writes_the_in_memory_sweeps_files(bf16_sharded_dir, tmp_
         files[stream] = {path.name: _sha256(path) for path in (tmp_path / stream).glob("*.gguf")}
         assert not [path for path in (tmp_path / stream).iterdir() if path.name.startswith(".")]
     assert len(files["on"]) == 2 and files["on"] == files["off"]
+
+
+def test_the_artifact_reference_prompts_and_scores_as_the_torch_reference(bf16_sharded_dir, tmp_path):
+    """llama.cpp renders no chat template: the artifact reference must still prompt through the model's own
+    (else its semantic figure is another evaluation), and see the very windows the torch reference sees."""
+    from srcr.base.progress import no_progress
+    from srcr.exporter.evaluation import EvalOptions, build_reference, build_reference_from_artifact, eval_inputs
+    from srcr.exporter.pipeline import export_hints
+    from srcr.targets.registry import get_target
+
+    loaded = load_weights(open_source(str(bf16_sharded_dir)))
+    prompts = Path(__file__).parent / "data" / "prompts_small.jsonl"
+    inputs = eval_inputs(
+        EvalOptions(windows=1, last_word_items=3, new_tokens=3, builtin_prompts=False, prompts=prompts)
+    )
+    target = get_target("gguf")
+    torch_pack = build_reference(loaded, inputs, "cpu", no_progress)
+    artifact_pack = build_reference_from_artifact(
+        target, target.reference_spec("bfloat16"), loaded, inputs, tmp_path, export_hints(loaded, "ref"), no_progress
+    )
+    assert torch_pack.semantic.prompt_format == artifact_pack.semantic.prompt_format == "chat"
+    assert torch_pack.semantic.prompt_tokens == artifact_pack.semantic.prompt_tokens
+    np.testing.assert_array_equal(torch_pack.distribution.windows, artifact_pack.distribution.windows)
+    assert artifact_pack.meta["base_runtime"]["runtime"] == "llama.cpp"
+    assert artifact_pack.meta["base_runtime"]["artifact_type"] == "BF16"
+    assert not any(tmp_path.iterdir())  # the unrounded file is gone
