@@ -54,11 +54,15 @@ def model_class(name: str) -> type:
 def open_runtime(fmt: str | None, path: Path, device: str) -> Any:
     if fmt is not None:
         return get_target(fmt).open_runtime(path, device)
+    import torch
+
     from srcr.exporter.models import load_model
     from srcr.targets.torch_runtime import TorchRuntime
 
     loaded = load_model(str(path))
-    return TorchRuntime(loaded.model, loaded.tokenizer, "cpu" if device == "auto" else device)
+    where = "cpu" if device == "auto" else device
+    # Loaded in the checkpoint's dtype; the dense reference runs in float32 (TorchRuntime's contract).
+    return TorchRuntime(loaded.model.to(device=where, dtype=torch.float32), loaded.tokenizer, where)
 
 
 def register() -> None:
