@@ -29,6 +29,7 @@ import psutil
 
 GIB = 1024**3
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 WIDTHS = {
     "hidden_size": 2048,
     "intermediate_size": 8192,
@@ -52,41 +53,16 @@ BASELINE = (
 
 
 def build_model(folder: Path, layers: int) -> int:
-    """Write a random bfloat16 Llama one layer per shard; return its parameter count."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The random bfloat16 Llama with SmolLM2's tokenizer files; return its parameter count."""
+    from transformers import LlamaConfig
 
-    from srcr.base.weights import FolderWriter
+    from bench.random_llama import write_random_llama
     from srcr.exporter.models import ensure_default_checkpoint
 
-    tokenizer_folder = ensure_default_checkpoint()
     config = LlamaConfig(vocab_size=49152, num_hidden_layers=layers, dtype="bfloat16", **WIDTHS)
     config.bos_token_id, config.eos_token_id = 1, 2
-    config.architectures = ["LlamaForCausalLM"]
-    with init_empty_weights():
-        skeleton = LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(0)
-    writer = FolderWriter(folder)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for name, parameter in skeleton.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied
-        group = name.split(".")[2] if name.startswith("model.layers.") else "other"
-        groups.setdefault(group, {})[name] = parameter
-    count = 0
-    for group, tensors in groups.items():
-        made = {}
-        for name, meta in tensors.items():
-            if name.endswith("norm.weight"):
-                made[name] = torch.ones(meta.shape, dtype=torch.bfloat16)
-            else:
-                made[name] = (torch.randn(meta.shape, generator=generator) * 0.02).to(torch.bfloat16)
-            count += meta.numel()
-        writer.write(f"model-{group}.safetensors", made)
-    writer.finish()
-    config.save_pretrained(folder)
-    for file in tokenizer_folder.iterdir():
+    count = write_random_llama(folder, config)
+    for file in ensure_default_checkpoint().iterdir():
         if file.name.startswith("tokenizer") or file.name in ("special_tokens_map.json", "chat_template.jinja"):
             shutil.copyfile(file, folder / file.name)
     return count

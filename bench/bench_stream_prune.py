@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.random_llama import write_random_llama  # noqa: E402
 from srcr.base.weights import FolderWriter, SafetensorsFolder  # noqa: E402
 from srcr.exporter.models import open_source  # noqa: E402
 from srcr.exporter.pruning import PruneSpec, prune_model  # noqa: E402
@@ -48,36 +49,14 @@ LLAMA_31_8B = {
 
 
 def write_model(folder: Path, layers: int, small: bool) -> int:
-    """A random bfloat16 Llama written one layer per file (tokenizer-free: the bench feeds token ids)."""
-    from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The random bfloat16 model, tokenizer-free: the bench feeds token ids."""
+    from transformers import LlamaConfig
 
     shapes = dict(LLAMA_31_8B)
     if small:
         shapes.update(vocab_size=16032, hidden_size=512, intermediate_size=1792, num_attention_heads=4,
                       num_key_value_heads=1)  # fmt: skip
-    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **shapes)
-    config.architectures = ["LlamaForCausalLM"]
-    with init_empty_weights():
-        skeleton = LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(0)
-    writer = FolderWriter(folder)
-    groups: dict[str, dict[str, torch.Size]] = {}
-    for name, tensor in skeleton.state_dict().items():
-        group = name.split(".")[2] if name.startswith("model.layers.") else name.split(".")[-2]
-        groups.setdefault(group, {})[name] = tensor.shape
-    count = 0
-    for group, shapes_by_name in groups.items():
-        made = {}
-        for name, shape in shapes_by_name.items():
-            norm = name.endswith("norm.weight")
-            made[name] = torch.ones(shape) if norm else torch.randn(shape, generator=generator) * 0.02
-            made[name] = made[name].to(torch.bfloat16)
-            count += made[name].numel()
-        writer.write(f"model-{group}.safetensors", made)
-    writer.finish()
-    config.save_pretrained(folder)
-    return count
+    return write_random_llama(folder, LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **shapes))
 
 
 def main() -> None:
@@ -103,8 +82,8 @@ def main() -> None:
         parameters = write_model(folder, args.layers, args.small)
         source = open_source(str(folder))
         process = psutil.Process()
-        model = open_streamed(source)
         weights = SafetensorsFolder(source.folder, source.weight_files)
+        model = open_streamed(source, weights)
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
         baseline = process.memory_info().rss

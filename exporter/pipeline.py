@@ -84,7 +84,6 @@ from srcr.exporter.streaming import (
     check_streamable,
     finish_folder,
     open_streamed,
-    skeleton_on_meta,
     stream_fits,
 )
 from srcr.targets.base import QuantSpec, Target
@@ -321,7 +320,8 @@ def make_plan(
     settings = [_fit_structure(setting, target, specs) for setting in settings]
     for spec in specs:
         target.check_model(source.config, spec)
-    layers = decoder_layers(skeleton(source.config))  # calibration walks them, whatever is pruned
+    model_skeleton = skeleton(source.config)
+    layers = decoder_layers(model_skeleton)  # calibration walks them, whatever is pruned
     for setting in {setting_for(setting, spec) for setting in settings for spec in specs}:
         check_prunable(source.config, setting.prune)
         if setting.structure.active:
@@ -329,7 +329,7 @@ def make_plan(
             check_fits(source.config, setting.structure)
             global_widths = setting.structure.width and setting.structure.allocation == "global"
             target.check_structure(source.config, setting.structure.drop_layers > 0, global_widths)
-    stream = _decide_stream(options.stream, target, source, settings, specs)
+    stream = _decide_stream(options.stream, target, source, model_skeleton, settings, specs)
     reference = options.reference if options.reference != "auto" else "artifact" if stream else "torch"
     if inputs is not None and reference == "artifact":
         target.reference_spec(dtype)  # the target can make one: checked now
@@ -359,21 +359,24 @@ def dtype_name(dtype: Any) -> str:
 
 
 def _decide_stream(
-    choice: str, target: Target, source: ModelSource, settings: Sequence[Setting], specs: Sequence[QuantSpec]
+    choice: str,
+    target: Target,
+    source: ModelSource,
+    model: Any,
+    settings: Sequence[Setting],
+    specs: Sequence[QuantSpec],
 ) -> bool:
     """--stream on: stream or say why not; auto: stream when the model cannot be held and it can stream."""
-    if choice == "off":
+    if choice == "off" or (choice == "auto" and stream_fits(source)):
         return False
-    reason = _why_not_streamed(target, source, settings, specs)
-    if choice == "on":
-        if reason is not None:
-            raise SrcrError(f"--stream: {reason}")
-        return True
-    return reason is None and not stream_fits(source)
+    reason = _why_not_streamed(target, source, model, settings, specs)
+    if choice == "on" and reason is not None:
+        raise SrcrError(f"--stream: {reason}")
+    return reason is None
 
 
 def _why_not_streamed(
-    target: Target, source: ModelSource, settings: Sequence[Setting], specs: Sequence[QuantSpec]
+    target: Target, source: ModelSource, model: Any, settings: Sequence[Setting], specs: Sequence[QuantSpec]
 ) -> str | None:
     if not target.streams:
         return f"the {target.name} target traces the whole model in memory; use --format gguf or --no-stream"
@@ -385,7 +388,7 @@ def _why_not_streamed(
             "use --quantizer llama.cpp or --no-stream"
         )
     try:
-        check_streamable(source, skeleton_on_meta(source))
+        check_streamable(source, model)
     except SrcrError as error:
         return str(error)
     return None
@@ -427,11 +430,14 @@ class PrunedModel:
     calibration: CalibrationSet
     seed: int
     structure: StructureReport | None = None
-    streamed: bool = False
 
     @property
     def prune_spec(self) -> PruneSpec:
         return self.setting.prune
+
+    @property
+    def streamed(self) -> bool:
+        return self.loaded.weights is not None
 
 
 def load_stage(plan: Plan, timer: StageTimer, progress: ProgressFn) -> LoadedModel:
@@ -440,7 +446,7 @@ def load_stage(plan: Plan, timer: StageTimer, progress: ProgressFn) -> LoadedMod
         progress("load model", 0, 1)
         if plan.stream:
             folder = SafetensorsFolder(plan.source.folder, plan.source.weight_files)
-            loaded = loaded_model(plan.source, open_streamed(plan.source), folder)
+            loaded = loaded_model(plan.source, open_streamed(plan.source, folder), folder)
         else:
             loaded = load_weights(plan.source)
         progress("load model", 1, 1)
@@ -495,8 +501,17 @@ def prune_stage(
     caller needs it no more (`reuse_dense`). A streamed model is pruned into a folder under `scratch`,
     which lives as long as the block."""
     if dense.weights is not None:
-        with _streamed_pruning(plan, dense, setting, calibration, scratch, timer, progress) as pruned:
-            yield pruned
+        # Streamed: the layers come from disk and, when they change, go into a pruned folder.
+        scratch_folder = temporary_folder(scratch, "pruned") if setting.changes_weights else contextlib.nullcontext()
+        with scratch_folder as folder:
+            writer = FolderWriter(folder) if folder is not None else None
+            with timer.stage("calibrate_prune"):
+                home = FromDisk(dense.model, dense.weights, writer)
+                report = prune_model(dense.model, calibration.input_ids, setting.prune, plan.device, progress, home)
+                pruned = dense
+                if writer is not None:
+                    pruned = dataclasses.replace(dense, weights=finish_folder(plan.source, dense.weights, writer))
+            yield PrunedModel(pruned, setting, report, calibration, plan.seed)
         return
     import torch
 
@@ -508,33 +523,6 @@ def prune_stage(
     with timer.stage("calibrate_prune"):
         report = prune_model(model.model, calibration.input_ids, setting.prune, device=plan.device, progress=progress)
     yield PrunedModel(model, setting, report, calibration, plan.seed, structure)
-
-
-@contextlib.contextmanager
-def _streamed_pruning(
-    plan: Plan,
-    dense: LoadedModel,
-    setting: Setting,
-    calibration: CalibrationSet,
-    scratch: Path,
-    timer: StageTimer,
-    progress: ProgressFn,
-) -> Iterator[PrunedModel]:
-    assert isinstance(dense.weights, SafetensorsFolder)
-    if not setting.changes_weights:  # the statistics pass reads the layers and writes nothing
-        with timer.stage("calibrate_prune"):
-            home = FromDisk(dense.model, dense.weights, None)
-            report = prune_model(dense.model, calibration.input_ids, setting.prune, plan.device, progress, home)
-        yield PrunedModel(dense, setting, report, calibration, plan.seed, streamed=True)
-        return
-    with temporary_folder(scratch, "pruned") as folder:
-        writer = FolderWriter(folder)
-        with timer.stage("calibrate_prune"):
-            home = FromDisk(dense.model, dense.weights, writer)
-            report = prune_model(dense.model, calibration.input_ids, setting.prune, plan.device, progress, home)
-            weights = finish_folder(plan.source, dense.weights, writer)
-        pruned = dataclasses.replace(dense, weights=weights)
-        yield PrunedModel(pruned, setting, report, calibration, plan.seed, streamed=True)
 
 
 def pruning_section(pruned: PrunedModel) -> dict[str, Any]:

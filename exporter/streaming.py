@@ -11,7 +11,6 @@ about one layer, the embedding and the calibration activations, whatever the mod
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,11 +43,12 @@ def skeleton_on_meta(source: ModelSource) -> PreTrainedModel:
     return model.eval()
 
 
-def check_streamable(source: ModelSource, model: nn.Module) -> None:
-    """Every weight the model has must be in the folder under the model's own name (checked before work)."""
+def check_streamable(source: ModelSource, model: nn.Module, weights: SafetensorsFolder | None = None) -> None:
+    """Every weight `model` (a skeleton will do) has must be in the folder under the model's own name
+    (checked before work); `weights`: the folder's index when it has been read already."""
     if any(file.suffix != ".safetensors" for file in source.weight_files):
         raise SrcrError(f"{source.folder} has pickled weights; streaming reads safetensors only: use --no-stream")
-    stored = set(SafetensorsFolder(source.folder, source.weight_files).names())
+    stored = set((weights or SafetensorsFolder(source.folder, source.weight_files)).names())
     tied = _tied_names(model)
     missing = [name for name in model.state_dict() if name not in stored and name not in tied]
     if missing:
@@ -60,9 +60,12 @@ def check_streamable(source: ModelSource, model: nn.Module) -> None:
 
 def _tied_names(model: nn.Module) -> set[str]:
     output = model.get_output_embeddings()
-    if output is not None and output.weight is model.get_input_embeddings().weight:
-        return {f"{module_names(model, [output])[0]}.weight"}
-    return set()
+    return {f"{module_names(model, [output])[0]}.weight"} if _tied(model) else set()
+
+
+def _tied(model: nn.Module) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
 
 
 def materialize(
@@ -78,15 +81,14 @@ def materialize(
         set_module_tensor_to_device(module, local, device, value=tensor, dtype=target_dtype)
 
 
-def open_streamed(source: ModelSource) -> PreTrainedModel:
-    """The skeleton with its input embedding read (on the CPU, in the checkpoint's dtype): all that
-    catching the first layer's inputs needs."""
+def open_streamed(source: ModelSource, weights: SafetensorsFolder) -> PreTrainedModel:
+    """The skeleton with its input embedding read from `weights` (the source's folder; on the CPU, in the
+    checkpoint's dtype): all that catching the first layer's inputs needs."""
     map_large_blocks()  # a layer's worth of freed memory goes back to the system, not into a heap
     model = skeleton_on_meta(source)
-    check_streamable(source, model)
-    weights = SafetensorsFolder(source.folder, source.weight_files)
+    check_streamable(source, model, weights)
     embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = output is not None and output.weight is embedding.weight
+    tied = _tied(model)
     materialize(
         embedding, module_names(model, [embedding])[0], weights, torch.device("cpu"), storage_dtype(source.config)
     )
@@ -136,5 +138,5 @@ def stream_fits(source: ModelSource) -> bool:
     """Whether `--stream auto` keeps the model in memory: its weights take under half the free memory."""
     import psutil
 
-    on_disk = sum(Path(file).stat().st_size for file in source.weight_files)
+    on_disk = sum(file.stat().st_size for file in source.weight_files)
     return on_disk < psutil.virtual_memory().available / 2

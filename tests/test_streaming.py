@@ -49,8 +49,8 @@ def _calibration(tokenizer, samples: int = 4, length: int = 48) -> torch.Tensor:
 
 
 def _stream_prune(source, spec, ids, folder: Path) -> tuple[SafetensorsFolder, object]:
-    model = open_streamed(source)
     weights = SafetensorsFolder(source.folder, source.weight_files)
+    model = open_streamed(source, weights)
     writer = FolderWriter(folder)
     report = prune_model(model, ids, spec, home=FromDisk(model, weights, writer))
     return finish_folder(source, weights, writer), report
@@ -82,8 +82,8 @@ def test_streamed_pruning_gives_the_in_memory_weights(bf16_sharded_dir, smollm_t
 def test_sharded_folder_is_read_shard_by_shard(bf16_sharded_dir, monkeypatch):
     index = json.loads((bf16_sharded_dir / "model.safetensors.index.json").read_text())["weight_map"]
     source = open_source(str(bf16_sharded_dir))
-    model = open_streamed(source)
     weights = SafetensorsFolder(source.folder, source.weight_files)
+    model = open_streamed(source, weights)
     opened: list[str] = []
 
     def recording_open(path, *args, **kwargs):
@@ -189,9 +189,9 @@ PEAK_SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)
     source = open_source(sys.argv[1])
-    model = open_streamed(source)
-    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     weights = SafetensorsFolder(source.folder, source.weight_files)
+    model = open_streamed(source, weights)
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     process, peak, done = psutil.Process(), [0], threading.Event()
     baseline = process.memory_info().rss
 
