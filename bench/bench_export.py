@@ -27,19 +27,20 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rss import GIB, PeakRss  # noqa: E402
-from srcr.exporter.pipeline import ExportOptions, StageTimer, run_export  # noqa: E402
+from srcr.exporter.pipeline import StageTimer, run_export  # noqa: E402
+from srcr.exporter.recipe import Recipe  # noqa: E402
 from srcr.exporter.ui import quiet_libraries  # noqa: E402
 from srcr.exporter.verify import peak_rss_bytes  # noqa: E402
 
 STAGE_ORDER = ("load", "reference", "calibrate_prune", "convert", "quantize", "evaluate")
 
 
-def run(options: ExportOptions) -> dict:
+def run(recipe: Recipe, out: Path) -> dict:
     """Export once; per-stage seconds (from the manifest) and peak RSS (sampled) as a dict."""
     timer = StageTimer()
     started = time.perf_counter()
     with PeakRss(phase=lambda: timer.current) as peak:
-        manifest = run_export(options, timer=timer).as_dict()
+        manifest = run_export(recipe, out, timer=timer).as_dict()
     wall = time.perf_counter() - started
     seconds = manifest["timings_s"]
     # convert and quantize run inside the single "export" stage the timer sees while it runs.
@@ -106,17 +107,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     console = Console(stderr=True, width=120)
     with tempfile.TemporaryDirectory(prefix="srcr-bench-export-") as out:
-        options = ExportOptions(
-            model=args.model,
-            format=args.format,
-            bits=args.bits,
-            method=args.method,
-            sparsity=args.sparsity,
-            calib_samples=args.calib_samples,
-            seq_len=args.seq_len,
-            out=Path(out),
+        recipe = Recipe.model_validate(
+            {
+                "model": {"source": args.model},
+                "export": {"format": args.format},
+                "quantize": {"bits": args.bits},
+                "prune": {"method": args.method, "sparsity": args.sparsity},
+                "calibration": {"samples": args.calib_samples, "seq_len": args.seq_len},
+            }
         )
-        result = run(options)
+        result = run(recipe, Path(out))
     console.print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

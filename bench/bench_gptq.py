@@ -33,9 +33,9 @@ from rich.table import Table  # noqa: E402
 
 from srcr.exporter.calibration import calibration_text, load_calibration  # noqa: E402
 from srcr.exporter.models import ensure_default_checkpoint  # noqa: E402
-from srcr.exporter.pipeline import EvalOptions  # noqa: E402
 from srcr.exporter.pruning import PruneSpec, prune_model  # noqa: E402
-from srcr.exporter.sweep import SweepOptions, run_sweep  # noqa: E402
+from srcr.exporter.recipe import Recipe  # noqa: E402
+from srcr.exporter.sweep import run_sweep  # noqa: E402
 
 console = Console(stderr=True)
 
@@ -123,19 +123,22 @@ def quality(args: argparse.Namespace) -> list[dict]:
         train_small_llama(model_dir, args.steps)
     rows = []
     for format_name, quantizer, types in SWEEPS:
-        options = SweepOptions(
-            model=str(model_dir),
-            format=format_name,
-            sparsities=[0.0, 0.5],
-            bits=[],
-            quant_types=types,
-            quantizers=[quantizer],
-            calib_samples=32,
-            seq_len=512,
-            out=args.out / f"sweep-{format_name}-{quantizer or 'own'}",
-            evaluation=EvalOptions(windows=8, builtin_prompts=True),
+        recipe = Recipe.model_validate(
+            {
+                "model": {"source": str(model_dir)},
+                "export": {"format": format_name},
+                "calibration": {"samples": 32, "seq_len": 512},
+                "evaluate": {"windows": 8, "builtin_prompts": True},
+                "sweep": {
+                    "sparsity": [0.0, 0.5],
+                    "bits": [],
+                    "quant_type": list(types),
+                    "quantizer": [quantizer] if quantizer else [],
+                },
+            }
         )
-        for manifest in run_sweep(options, lambda what, done, total: None):
+        sweep_out = args.out / f"sweep-{format_name}-{quantizer or 'own'}"
+        for manifest in run_sweep(recipe, sweep_out, progress=lambda what, done, total: None):
             evaluation = manifest.evaluation
             rows.append(
                 {

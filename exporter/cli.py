@@ -14,6 +14,7 @@ from rich.table import Table
 
 from srcr import __version__
 from srcr.exporter.manifest import Manifest
+from srcr.exporter.recipe import Recipe
 from srcr.exporter.ui import stage_progress, stderr_console, stdout_console, user_errors
 
 if TYPE_CHECKING:
@@ -167,167 +168,229 @@ def _structure_summary(structure: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+# Help panels: the options of export and sweep grouped by stage, as the recipe is.
+P_RECIPE, P_MODEL, P_PRUNE, P_STRUCT = "Recipe", "Model", "Pruning", "Structured pruning"
+P_QUANT, P_CALIB, P_EVAL, P_OUT = "Quantization", "Calibration", "Evaluation", "Output"
+DEFAULT = Recipe()
+RECIPE_HELP = (
+    "Start from a recipe (TOML, YAML or JSON; docs/recipe.md) or a manifest, whose embedded recipe reproduces "
+    "its artifact bit for bit on the same kind of machine; flags given beside it override its fields."
+)
+PRINT_RECIPE_HELP = "Print the recipe the flags (and --recipe) describe, as TOML, and exit without running it."
+
+
+def _print_replay_notes(console: Any, recipe_file: Path | None) -> None:
+    from srcr.exporter.api import replay_notes
+
+    for note in replay_notes(recipe_file) if recipe_file is not None else []:
+        console.print(f"[yellow]note:[/] {escape(note)}; the artifact may differ in its bytes", highlight=False)
+
+
 @app.command()
 def export(
-    sparsity: Annotated[
-        float, typer.Option(help="Unstructured sparsity: fraction of each pruned linear's weights zeroed, in [0, 1).")
-    ] = 0.0,
-    pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP)] = None,
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sparsegpt",
-    percdamp: Annotated[float, typer.Option(help=PERCDAMP_HELP)] = 0.01,
-    prune_block_size: Annotated[int, typer.Option(help=PRUNE_BLOCK_HELP)] = 128,
-    drop_layers: Annotated[float, typer.Option(help=DROP_HELP)] = 0.0,
-    depth_method: Annotated[str, typer.Option(help=DEPTH_HELP)] = "bi",
-    ffn_ratio: Annotated[float, typer.Option(help=FFN_HELP)] = 0.0,
-    head_ratio: Annotated[float, typer.Option(help=HEAD_HELP)] = 0.0,
-    width_method: Annotated[str, typer.Option(help=WIDTH_METHOD_HELP)] = "flap",
-    width_allocation: Annotated[str, typer.Option(help=ALLOCATION_HELP)] = "uniform",
-    width_multiple: Annotated[int, typer.Option(help=MULTIPLE_HELP)] = 0,
-    bits: Annotated[
-        int | None,
-        typer.Option(help="Quantization bit-width (GGUF: 2,3,4,5,6,8,16; ONNX: 2,4,8,16,32). Default 4."),
+    ctx: typer.Context,
+    recipe_file: Annotated[
+        Path | None, typer.Option("--recipe", help=RECIPE_HELP, rich_help_panel=P_RECIPE, show_default=False)
     ] = None,
-    quant_type: Annotated[
-        str | None, typer.Option(help="Name the format's quantization type directly, e.g. Q4_K_M or IQ2_XXS.")
-    ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="Deployment format: gguf or onnx.")] = "gguf",
+    print_recipe: Annotated[bool, typer.Option(help=PRINT_RECIPE_HELP, rich_help_panel=P_RECIPE)] = False,
     model: Annotated[
         str | None,
-        typer.Option(help="Local Hugging Face folder or hub id. Default: the embedded SmolLM2-135M-Instruct."),
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
-    name: Annotated[
-        str | None, typer.Option(help="Base file name of the outputs, without a folder (default: from the settings).")
-    ] = None,
-    calib: Annotated[
-        Path | None,
-        typer.Option(help="Calibration text: plain text or JSONL with a `text` field. Default: gensim's Lee corpus."),
-    ] = None,
-    calib_encoding: Annotated[str | None, typer.Option(help=ENCODING_HELP.format(what="--calib"))] = None,
-    calib_samples: Annotated[
-        int | None, typer.Option(help="Calibration samples (default 128, capped by the corpus).")
-    ] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sample (default 2048).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for choosing calibration windows.")] = 0,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+        typer.Option(
+            help="Local Hugging Face folder or hub id. Default: the embedded SmolLM2-135M-Instruct.",
+            rich_help_panel=P_MODEL,
+        ),
+    ] = DEFAULT.model.source,
+    stream: Annotated[str, typer.Option(help=STREAM_HELP, rich_help_panel=P_MODEL)] = DEFAULT.model.stream,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=P_MODEL)] = DEFAULT.model.device,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Allow pickled .bin weights (they can run code: only for sources you trust). Never taken from "
+            "a recipe.",
+            rich_help_panel=P_MODEL,
+        ),
+    ] = False,
+    sparsity: Annotated[
+        float,
+        typer.Option(
+            help="Unstructured sparsity: fraction of each pruned linear's weights zeroed, in [0, 1).",
+            rich_help_panel=P_PRUNE,
+        ),
+    ] = DEFAULT.prune.sparsity,
+    pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP, rich_help_panel=P_PRUNE)] = DEFAULT.prune.pattern,
+    method: Annotated[str, typer.Option(help=METHOD_HELP, rich_help_panel=P_PRUNE)] = DEFAULT.prune.method,
+    percdamp: Annotated[float, typer.Option(help=PERCDAMP_HELP, rich_help_panel=P_PRUNE)] = DEFAULT.prune.percdamp,
+    prune_block_size: Annotated[
+        int, typer.Option(help=PRUNE_BLOCK_HELP, rich_help_panel=P_PRUNE)
+    ] = DEFAULT.prune.block_size,
+    drop_layers: Annotated[
+        float, typer.Option(help=DROP_HELP, rich_help_panel=P_STRUCT)
+    ] = DEFAULT.prune.structure.drop_layers,
+    depth_method: Annotated[
+        str, typer.Option(help=DEPTH_HELP, rich_help_panel=P_STRUCT)
+    ] = DEFAULT.prune.structure.depth_method,
+    ffn_ratio: Annotated[
+        float, typer.Option(help=FFN_HELP, rich_help_panel=P_STRUCT)
+    ] = DEFAULT.prune.structure.ffn_ratio,
+    head_ratio: Annotated[
+        float, typer.Option(help=HEAD_HELP, rich_help_panel=P_STRUCT)
+    ] = DEFAULT.prune.structure.head_ratio,
+    width_method: Annotated[
+        str, typer.Option(help=WIDTH_METHOD_HELP, rich_help_panel=P_STRUCT)
+    ] = DEFAULT.prune.structure.width_method,
+    width_allocation: Annotated[
+        str, typer.Option(help=ALLOCATION_HELP, rich_help_panel=P_STRUCT)
+    ] = DEFAULT.prune.structure.allocation,
+    width_multiple: Annotated[
+        int, typer.Option(help=MULTIPLE_HELP, rich_help_panel=P_STRUCT)
+    ] = DEFAULT.prune.structure.multiple,
+    bits: Annotated[
+        int | None,
+        typer.Option(
+            help="Quantization bit-width (GGUF: 2,3,4,5,6,8,16; ONNX: 2,4,8,16,32). Default 4.",
+            rich_help_panel=P_QUANT,
+        ),
+    ] = DEFAULT.quantize.bits,
+    quant_type: Annotated[
+        str | None,
+        typer.Option(
+            help="Name the format's quantization type directly, e.g. Q4_K_M or IQ2_XXS.", rich_help_panel=P_QUANT
+        ),
+    ] = DEFAULT.quantize.type,
+    quantizer: Annotated[
+        str | None, typer.Option(help=QUANTIZER_HELP, rich_help_panel=P_QUANT)
+    ] = DEFAULT.quantize.quantizer,
     quant_block_size: Annotated[
         int | None,
-        typer.Option(help="ONNX: weights per quantization block (default 32; formerly --block-size)."),
-    ] = None,
+        typer.Option(
+            help="ONNX: weights per quantization block (default 32; formerly --block-size).", rich_help_panel=P_QUANT
+        ),
+    ] = DEFAULT.quantize.block_size,
     quant_algo: Annotated[
-        str | None, typer.Option(help="ONNX: weight quantization algorithm: wls (default), hqq or rtn.")
-    ] = None,
+        str | None,
+        typer.Option(help="ONNX: weight quantization algorithm: wls (default), hqq or rtn.", rich_help_panel=P_QUANT),
+    ] = DEFAULT.quantize.algo,
     quant_scheme: Annotated[
-        str | None, typer.Option(help="ONNX: weight-only (default) or dynamic (int8 weights and activations).")
-    ] = None,
+        str | None,
+        typer.Option(
+            help="ONNX: weight-only (default) or dynamic (int8 weights and activations).", rich_help_panel=P_QUANT
+        ),
+    ] = DEFAULT.quantize.scheme,
     symmetric: Annotated[
-        bool | None, typer.Option("--symmetric/--asymmetric", help="ONNX: symmetric or asymmetric blocks.")
+        bool | None,
+        typer.Option("--symmetric/--asymmetric", help="ONNX: symmetric or asymmetric blocks.", rich_help_panel=P_QUANT),
+    ] = DEFAULT.quantize.symmetric,
+    calib: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration text: plain text or JSONL with a `text` field. Default: gensim's Lee corpus.",
+            rich_help_panel=P_CALIB,
+        ),
     ] = None,
-    quantizer: Annotated[str | None, typer.Option(help=QUANTIZER_HELP)] = None,
+    calib_encoding: Annotated[
+        str | None, typer.Option(help=ENCODING_HELP.format(what="--calib"), rich_help_panel=P_CALIB)
+    ] = DEFAULT.calibration.encoding,
+    calib_samples: Annotated[
+        int | None,
+        typer.Option(help="Calibration samples (default 128, capped by the corpus).", rich_help_panel=P_CALIB),
+    ] = DEFAULT.calibration.samples,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per calibration sample (default 2048).", rich_help_panel=P_CALIB)
+    ] = DEFAULT.calibration.seq_len,
+    seed: Annotated[
+        int, typer.Option(help="Seed for choosing calibration windows.", rich_help_panel=P_CALIB)
+    ] = DEFAULT.calibration.seed,
     evaluate: Annotated[
-        bool, typer.Option("--eval/--no-eval", help="Measure the exported artifact against the dense model.")
-    ] = True,
+        bool,
+        typer.Option(
+            "--eval/--no-eval", help="Measure the exported artifact against the dense model.", rich_help_panel=P_EVAL
+        ),
+    ] = DEFAULT.evaluate.enabled,
+    reference: Annotated[str, typer.Option(help=REFERENCE_HELP, rich_help_panel=P_EVAL)] = DEFAULT.evaluate.reference,
     eval_text: Annotated[
-        Path | None, typer.Option(help="Held-out evaluation text (default: gensim's lee.cor).")
+        Path | None,
+        typer.Option(help="Held-out evaluation text (default: gensim's lee.cor).", rich_help_panel=P_EVAL),
     ] = None,
-    eval_encoding: Annotated[str | None, typer.Option(help=ENCODING_HELP.format(what="--eval-text"))] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) for semantic similarity.")] = None,
+    eval_encoding: Annotated[
+        str | None, typer.Option(help=ENCODING_HELP.format(what="--eval-text"), rich_help_panel=P_EVAL)
+    ] = DEFAULT.evaluate.encoding,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Extra prompts (JSONL) for semantic similarity.", rich_help_panel=P_EVAL)
+    ] = None,
     tasks: Annotated[
-        Path | None, typer.Option(help='Multiple-choice tasks (JSONL: {"context", "choices", "answer"}).')
+        Path | None,
+        typer.Option(help='Multiple-choice tasks (JSONL: {"context", "choices", "answer"}).', rich_help_panel=P_EVAL),
     ] = None,
     eval_windows: Annotated[
-        int | None, typer.Option(help="Number of evaluation windows (default 8 × 512 tokens).")
-    ] = None,
+        int | None,
+        typer.Option(help="Number of evaluation windows (default 8 × 512 tokens).", rich_help_panel=P_EVAL),
+    ] = DEFAULT.evaluate.windows,
     last_word_items: Annotated[
-        int | None, typer.Option(help="Last-word accuracy items taken from the evaluation text (default 100; 0 skips).")
-    ] = None,
+        int | None,
+        typer.Option(
+            help="Last-word accuracy items taken from the evaluation text (default 100; 0 skips).",
+            rich_help_panel=P_EVAL,
+        ),
+    ] = DEFAULT.evaluate.last_word_items,
     new_tokens: Annotated[
-        int | None, typer.Option(help="Greedy tokens generated per prompt for semantic similarity (default 32).")
-    ] = None,
+        int | None,
+        typer.Option(
+            help="Greedy tokens generated per prompt for semantic similarity (default 32).", rich_help_panel=P_EVAL
+        ),
+    ] = DEFAULT.evaluate.new_tokens,
     builtin_prompts: Annotated[
-        bool, typer.Option(help="Include the 52 built-in prompts (--no-builtin-prompts: only --prompts FILE).")
-    ] = True,
+        bool,
+        typer.Option(
+            help="Include the 52 built-in prompts (--no-builtin-prompts: only --prompts FILE).",
+            rich_help_panel=P_EVAL,
+        ),
+    ] = DEFAULT.evaluate.builtin_prompts,
     top_k: Annotated[
-        int | None, typer.Option(help="Reference pack: top-k log-probabilities kept per position (default 128).")
-    ] = None,
-    lm_eval_tasks: Annotated[str | None, typer.Option(help=LM_EVAL_TASKS_HELP)] = None,
-    lm_eval_include: Annotated[Path | None, typer.Option(help=LM_EVAL_INCLUDE_HELP)] = None,
-    lm_eval_limit: Annotated[int | None, typer.Option(help=LM_EVAL_LIMIT_HELP)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option(help="Allow pickled .bin weights (they can run code: only for sources you trust).")
+        int | None,
+        typer.Option(
+            help="Reference pack: top-k log-probabilities kept per position (default 128).", rich_help_panel=P_EVAL
+        ),
+    ] = DEFAULT.evaluate.top_k,
+    lm_eval_tasks: Annotated[str | None, typer.Option(help=LM_EVAL_TASKS_HELP, rich_help_panel=P_EVAL)] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option(help=LM_EVAL_INCLUDE_HELP, rich_help_panel=P_EVAL)] = None,
+    lm_eval_limit: Annotated[
+        int | None, typer.Option(help=LM_EVAL_LIMIT_HELP, rich_help_panel=P_EVAL)
+    ] = DEFAULT.evaluate.lm_eval_limit,
+    out: Annotated[Path, typer.Option(help="Output folder.", rich_help_panel=P_OUT)] = Path("out"),
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Base file name of the outputs, without a folder (default: from the settings).",
+            rich_help_panel=P_OUT,
+        ),
+    ] = DEFAULT.export.name,
+    fmt: Annotated[
+        str, typer.Option("--format", help="Deployment format: gguf or onnx.", rich_help_panel=P_OUT)
+    ] = DEFAULT.export.format,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.", rich_help_panel=P_OUT)] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the manifest as JSON instead of the table.", rich_help_panel=P_OUT)
     ] = False,
-    stream: Annotated[str, typer.Option(help=STREAM_HELP)] = "auto",
-    reference: Annotated[str, typer.Option(help=REFERENCE_HELP)] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of the table.")] = False,
 ) -> None:
-    """Prune, quantize and export a model; evaluate the artifact and write its manifest."""
-    from srcr.exporter.pipeline import EvalOptions, ExportOptions, run_export
-    from srcr.exporter.pruning.structured import StructureSpec
+    """Prune, quantize and export a model; evaluate the artifact and write its manifest.
+
+    Every option is a field of a recipe (docs/recipe.md). --print-recipe shows the recipe the flags describe,
+    --recipe FILE runs one, and --recipe OUT/NAME.manifest.json reproduces that artifact.
+    """
+    from srcr.exporter import api
+    from srcr.exporter.flags import EXPORT_FLAGS, base_recipe, recipe_from_flags
 
     console = stderr_console()
     with user_errors(console) as interrupts:
-        target_options = {
-            key: value
-            for key, value in {
-                "quant_block_size": quant_block_size,
-                "quant_algo": quant_algo,
-                "quant_scheme": quant_scheme,
-                "symmetric": symmetric,
-                "quantizer": quantizer,
-            }.items()
-            if value is not None
-        }
-        options = ExportOptions(
-            model=model,
-            format=fmt,
-            bits=bits,
-            quant_type=quant_type,
-            target_options=target_options,
-            method=method,
-            sparsity=sparsity,
-            pattern=pattern,
-            percdamp=percdamp,
-            prune_block_size=prune_block_size,
-            structure=StructureSpec(
-                drop_layers=drop_layers,
-                depth_method=depth_method,
-                ffn_ratio=ffn_ratio,
-                head_ratio=head_ratio,
-                width_method=width_method,
-                allocation=width_allocation,
-                multiple=width_multiple,
-            ),
-            calib=calib,
-            calib_encoding=calib_encoding,
-            calib_samples=calib_samples,
-            seq_len=seq_len,
-            seed=seed,
-            device=device,
-            out=out,
-            name=name,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-            stream=stream,
-            reference=reference,
-            evaluation=EvalOptions(
-                enabled=evaluate,
-                eval_text=eval_text,
-                eval_encoding=eval_encoding,
-                prompts=prompts,
-                tasks=tasks,
-                windows=eval_windows,
-                top_k=top_k,
-                last_word_items=last_word_items,
-                new_tokens=new_tokens,
-                builtin_prompts=builtin_prompts,
-                lm_eval_tasks=_task_names(lm_eval_tasks),
-                lm_eval_include=lm_eval_include,
-                lm_eval_limit=lm_eval_limit,
-            ),
-        )
+        recipe = recipe_from_flags(ctx, EXPORT_FLAGS, base_recipe(recipe_file), {"lm_eval_tasks": _task_names})
+        if print_recipe:
+            typer.echo(recipe.to_toml(), nl=False)
+            return
+        _print_replay_notes(console, recipe_file)
         with stage_progress(console, interrupts) as progress:
-            manifest = run_export(options, progress)
+            manifest = api.export(
+                recipe=recipe, out=out, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress
+            )
     if as_json:
         typer.echo(manifest.to_json(), nl=False)
     else:
@@ -475,10 +538,10 @@ STRUCTURE_KEYS = {
 }
 
 
-def parse_structures(text: str) -> list[Any]:
-    """`none;ffn=0.25;layers=0.2,depth=sleb` -> StructureSpecs (multiple 0: the target's block width)."""
+def parse_structures(text: str) -> list[dict[str, Any]]:
+    """`none;ffn=0.25;layers=0.2,depth=sleb` -> the recipe's sweep.structures (multiple 0: the target's block
+    width)."""
     from srcr.base.errors import SrcrError
-    from srcr.exporter.pruning.structured import StructureSpec
 
     specs = []
     for item in (part.strip() for part in text.split(";")):
@@ -499,7 +562,7 @@ def parse_structures(text: str) -> list[Any]:
                     values[field_name] = cast(value.strip())
                 except ValueError:
                     raise SrcrError(f"--structures {key}={value!r} is not a {cast.__name__}") from None
-        specs.append(StructureSpec(**values))
+        specs.append(values)
     if not specs:
         raise SrcrError("--structures is empty; pass 'none' for no structured pruning")
     return specs
@@ -574,109 +637,166 @@ def sweep_tables(summary: SweepSummary) -> list[Table]:
     return [table, equal]
 
 
+SWEEP_DEFAULT = DEFAULT.merged({"sweep": {}}).sweep
+
+
+def _axis(values: list[Any]) -> str:
+    return ",".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values)
+
+
 @app.command()
 def sweep(
-    sparsity: Annotated[str, typer.Option(help="Unstructured sparsities to try, comma-separated.")] = "0,0.25,0.5",
-    pattern: Annotated[str, typer.Option(help="N:M patterns to try, comma-separated (e.g. 2:8,2:4).")] = "",
+    ctx: typer.Context,
+    recipe_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            help="Start from a recipe, its [sweep] table holding the axes (docs/recipe.md); flags override.",
+            rich_help_panel=P_RECIPE,
+            show_default=False,
+        ),
+    ] = None,
+    print_recipe: Annotated[bool, typer.Option(help=PRINT_RECIPE_HELP, rich_help_panel=P_RECIPE)] = False,
+    sparsity: Annotated[
+        str, typer.Option(help="Unstructured sparsities to try, comma-separated.", rich_help_panel=P_PRUNE)
+    ] = _axis(SWEEP_DEFAULT.sparsity),
+    pattern: Annotated[
+        str, typer.Option(help="N:M patterns to try, comma-separated (e.g. 2:8,2:4).", rich_help_panel=P_PRUNE)
+    ] = _axis(SWEEP_DEFAULT.pattern),
+    method: Annotated[str, typer.Option(help=METHOD_HELP, rich_help_panel=P_PRUNE)] = DEFAULT.prune.method,
+    percdamp: Annotated[float, typer.Option(help=PERCDAMP_HELP, rich_help_panel=P_PRUNE)] = DEFAULT.prune.percdamp,
+    prune_block_size: Annotated[
+        int, typer.Option(help=PRUNE_BLOCK_HELP, rich_help_panel=P_PRUNE)
+    ] = DEFAULT.prune.block_size,
     structures: Annotated[
         str,
         typer.Option(
             help="Structured settings to cross with the others, ';'-separated: none, or key=value pairs "
-            "(layers, depth, ffn, heads, width, allocation), e.g. 'none;ffn=0.25;layers=0.2,depth=sleb'."
+            "(layers, depth, ffn, heads, width, allocation), e.g. 'none;ffn=0.25;layers=0.2,depth=sleb'.",
+            rich_help_panel=P_STRUCT,
         ),
     ] = "none",
     bits: Annotated[
-        str, typer.Option(help="Bit-widths to try, comma-separated ('' for none: only --quant-type).")
-    ] = "2,3,4,8",
+        str,
+        typer.Option(
+            help="Bit-widths to try, comma-separated ('' for none: only --quant-type).", rich_help_panel=P_QUANT
+        ),
+    ] = _axis(SWEEP_DEFAULT.bits),
     quant_type: Annotated[
-        str, typer.Option(help="The format's type names to try beside --bits, comma-separated (e.g. Q4_0,Q5_0).")
-    ] = "",
+        str,
+        typer.Option(
+            help="The format's type names to try beside --bits, comma-separated (e.g. Q4_0,Q5_0).",
+            rich_help_panel=P_QUANT,
+        ),
+    ] = _axis(SWEEP_DEFAULT.quant_type),
     quantizer: Annotated[
         str,
         typer.Option(
             help="Quantizers to try, comma-separated (e.g. llama.cpp,gptq; default: the format's own). "
-            "gptq is srcr's GPTQ on the format's exact grid, see srcr export --help."
+            "gptq is srcr's GPTQ on the format's exact grid, see srcr export --help.",
+            rich_help_panel=P_QUANT,
         ),
-    ] = "",
-    fmt: Annotated[str, typer.Option("--format", help="Deployment format: gguf or onnx.")] = "gguf",
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "sparsegpt",
-    percdamp: Annotated[float, typer.Option(help=PERCDAMP_HELP)] = 0.01,
-    prune_block_size: Annotated[int, typer.Option(help=PRUNE_BLOCK_HELP)] = 128,
-    model: Annotated[str | None, typer.Option(help="Local Hugging Face folder or hub id (default: SmolLM2).")] = None,
-    out: Annotated[Path, typer.Option(help="Sweep folder; rerunning with the same folder resumes.")] = Path("sweep"),
+    ] = _axis(SWEEP_DEFAULT.quantizer),
+    model: Annotated[
+        str | None,
+        typer.Option(help="Local Hugging Face folder or hub id (default: SmolLM2).", rich_help_panel=P_MODEL),
+    ] = DEFAULT.model.source,
+    stream: Annotated[str, typer.Option(help=STREAM_HELP, rich_help_panel=P_MODEL)] = DEFAULT.model.stream,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=P_MODEL)] = DEFAULT.model.device,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            help="Allow pickled .bin weights (trusted sources only; never from a recipe).", rich_help_panel=P_MODEL
+        ),
+    ] = False,
+    calib: Annotated[
+        Path | None, typer.Option(help="Calibration text (default: gensim's Lee corpus).", rich_help_panel=P_CALIB)
+    ] = None,
+    calib_encoding: Annotated[
+        str | None, typer.Option(help=ENCODING_HELP.format(what="--calib"), rich_help_panel=P_CALIB)
+    ] = DEFAULT.calibration.encoding,
+    calib_samples: Annotated[
+        int | None, typer.Option(help="Calibration samples (default 128, capped).", rich_help_panel=P_CALIB)
+    ] = DEFAULT.calibration.samples,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per calibration sample (default 2048).", rich_help_panel=P_CALIB)
+    ] = DEFAULT.calibration.seq_len,
+    seed: Annotated[
+        int, typer.Option(help="Seed for choosing calibration windows.", rich_help_panel=P_CALIB)
+    ] = DEFAULT.calibration.seed,
+    reference: Annotated[str, typer.Option(help=REFERENCE_HELP, rich_help_panel=P_EVAL)] = DEFAULT.evaluate.reference,
+    eval_text: Annotated[
+        Path | None, typer.Option(help="Held-out evaluation text (default: lee.cor).", rich_help_panel=P_EVAL)
+    ] = None,
+    eval_encoding: Annotated[
+        str | None, typer.Option(help=ENCODING_HELP.format(what="--eval-text"), rich_help_panel=P_EVAL)
+    ] = DEFAULT.evaluate.encoding,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Extra prompts (JSONL) for semantic similarity.", rich_help_panel=P_EVAL)
+    ] = None,
+    tasks: Annotated[Path | None, typer.Option(help="Multiple-choice tasks (JSONL).", rich_help_panel=P_EVAL)] = None,
+    eval_windows: Annotated[
+        int | None, typer.Option(help="Number of evaluation windows.", rich_help_panel=P_EVAL)
+    ] = DEFAULT.evaluate.windows,
+    last_word_items: Annotated[
+        int | None, typer.Option(help="Last-word accuracy items (default 100).", rich_help_panel=P_EVAL)
+    ] = DEFAULT.evaluate.last_word_items,
+    new_tokens: Annotated[
+        int | None, typer.Option(help="Greedy tokens per prompt (default 32).", rich_help_panel=P_EVAL)
+    ] = DEFAULT.evaluate.new_tokens,
+    builtin_prompts: Annotated[
+        bool, typer.Option(help="Include the built-in prompts.", rich_help_panel=P_EVAL)
+    ] = DEFAULT.evaluate.builtin_prompts,
+    lm_eval_tasks: Annotated[str | None, typer.Option(help=LM_EVAL_TASKS_HELP, rich_help_panel=P_EVAL)] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option(help=LM_EVAL_INCLUDE_HELP, rich_help_panel=P_EVAL)] = None,
+    lm_eval_limit: Annotated[
+        int | None, typer.Option(help=LM_EVAL_LIMIT_HELP, rich_help_panel=P_EVAL)
+    ] = DEFAULT.evaluate.lm_eval_limit,
     budget_mb: Annotated[
-        float | None, typer.Option(help="Recommend the highest Sr whose file fits this many MB.")
-    ] = None,
+        float | None,
+        typer.Option(help="Recommend the highest Sr whose file fits this many MB.", rich_help_panel=P_OUT),
+    ] = SWEEP_DEFAULT.budget_mb,
     min_retention: Annotated[
-        float | None, typer.Option(help="Recommend the most compression with Sr at least this.")
-    ] = None,
-    calib: Annotated[Path | None, typer.Option(help="Calibration text (default: gensim's Lee corpus).")] = None,
-    calib_encoding: Annotated[str | None, typer.Option(help=ENCODING_HELP.format(what="--calib"))] = None,
-    calib_samples: Annotated[int | None, typer.Option(help="Calibration samples (default 128, capped).")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration sample (default 2048).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for choosing calibration windows.")] = 0,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    eval_text: Annotated[Path | None, typer.Option(help="Held-out evaluation text (default: lee.cor).")] = None,
-    eval_encoding: Annotated[str | None, typer.Option(help=ENCODING_HELP.format(what="--eval-text"))] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) for semantic similarity.")] = None,
-    tasks: Annotated[Path | None, typer.Option(help="Multiple-choice tasks (JSONL).")] = None,
-    eval_windows: Annotated[int | None, typer.Option(help="Number of evaluation windows.")] = None,
-    last_word_items: Annotated[int | None, typer.Option(help="Last-word accuracy items (default 100).")] = None,
-    new_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per prompt (default 32).")] = None,
-    builtin_prompts: Annotated[bool, typer.Option(help="Include the built-in prompts.")] = True,
-    lm_eval_tasks: Annotated[str | None, typer.Option(help=LM_EVAL_TASKS_HELP)] = None,
-    lm_eval_include: Annotated[Path | None, typer.Option(help=LM_EVAL_INCLUDE_HELP)] = None,
-    lm_eval_limit: Annotated[int | None, typer.Option(help=LM_EVAL_LIMIT_HELP)] = None,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (trusted sources only).")] = False,
-    stream: Annotated[str, typer.Option(help=STREAM_HELP)] = "auto",
-    reference: Annotated[str, typer.Option(help=REFERENCE_HELP)] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the records and recommendation as JSON.")] = False,
+        float | None,
+        typer.Option(help="Recommend the most compression with Sr at least this.", rich_help_panel=P_OUT),
+    ] = SWEEP_DEFAULT.min_retention,
+    out: Annotated[
+        Path, typer.Option(help="Sweep folder; rerunning with the same folder resumes.", rich_help_panel=P_OUT)
+    ] = Path("sweep"),
+    fmt: Annotated[
+        str, typer.Option("--format", help="Deployment format: gguf or onnx.", rich_help_panel=P_OUT)
+    ] = DEFAULT.export.format,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the records and recommendation as JSON.", rich_help_panel=P_OUT)
+    ] = False,
 ) -> None:
-    """Try every pruning × quantization combination; rank by SrCr, mark the Pareto front, write report.html."""
-    from srcr.exporter.pipeline import EvalOptions, PruneOptions
-    from srcr.exporter.sweep import SweepOptions, run_sweep, summarize, write_report
+    """Try every pruning × quantization combination; rank by SrCr, mark the Pareto front, write report.html.
+
+    The axes are a recipe's [sweep] table (docs/recipe.md). Each configuration's manifest embeds its own
+    recipe: srcr export --recipe SWEEP/NAME.manifest.json reproduces that one.
+    """
+    from srcr.exporter import api
+    from srcr.exporter.flags import SWEEP_FLAGS, base_recipe, recipe_from_flags
 
     console = stderr_console()
     resumable = f"finished configurations and {out}/reference.npz are kept; rerun the same command to resume"
+    converters = {
+        "sparsity": lambda text: _split(text, float, "sparsity"),
+        "pattern": lambda text: _split(text, str, "pattern"),
+        "bits": lambda text: _split(text, int, "bits"),
+        "quant_type": lambda text: _split(text, str, "quant-type"),
+        "quantizer": lambda text: _split(text, str, "quantizer"),
+        "structures": parse_structures,
+        "lm_eval_tasks": _task_names,
+    }
     with user_errors(console, interrupted=resumable) as interrupts:
-        options = SweepOptions(
-            model=model,
-            format=fmt,
-            sparsities=_split(sparsity, float, "sparsity"),
-            patterns=_split(pattern, str, "pattern"),
-            bits=_split(bits, int, "bits"),
-            quantizers=_split(quantizer, str, "quantizer") or [None],
-            quant_types=_split(quant_type, str, "quant-type"),
-            prune=PruneOptions(method=method, percdamp=percdamp, block_size=prune_block_size),
-            structures=parse_structures(structures),
-            calib=calib,
-            calib_encoding=calib_encoding,
-            calib_samples=calib_samples,
-            seq_len=seq_len,
-            seed=seed,
-            device=device,
-            out=out,
-            allow_pickle=allow_pickle,
-            stream=stream,
-            reference=reference,
-            evaluation=EvalOptions(
-                eval_text=eval_text,
-                eval_encoding=eval_encoding,
-                prompts=prompts,
-                tasks=tasks,
-                windows=eval_windows,
-                last_word_items=last_word_items,
-                new_tokens=new_tokens,
-                builtin_prompts=builtin_prompts,
-                lm_eval_tasks=_task_names(lm_eval_tasks),
-                lm_eval_include=lm_eval_include,
-                lm_eval_limit=lm_eval_limit,
-            ),
-        )
+        recipe = recipe_from_flags(ctx, SWEEP_FLAGS, base_recipe(recipe_file, sweep=True), converters)
+        if print_recipe:
+            typer.echo(recipe.to_toml(), nl=False)
+            return
         with stage_progress(console, interrupts) as progress:
-            manifests = run_sweep(options, progress)
-        summary = summarize(manifests, budget_mb, min_retention)
-        report = write_report(summary, out, f"srcr sweep: {manifests[0].source_model.id} ({fmt})")
+            result = api.sweep(recipe=recipe, out=out, allow_pickle=allow_pickle, progress=progress)
+    summary, report = result.summary, result.report
     if as_json:
         payload = {
             "records": summary.records,

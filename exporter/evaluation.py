@@ -17,25 +17,9 @@ from srcr.evaluators.harness import HarnessRequest
 from srcr.evaluators.reference import EvalSettings, ReferencePack
 from srcr.exporter.calibration import TextSource, evaluation_text
 from srcr.exporter.models import LoadedModel
+from srcr.exporter.recipe import EvaluateStage
 from srcr.targets.base import QuantSpec, Target
 from srcr.targets.hf_tokens import chat_template_tokens
-
-
-@dataclass
-class EvalOptions:
-    enabled: bool = True
-    eval_text: Path | None = None
-    eval_encoding: str | None = None
-    prompts: Path | None = None
-    tasks: Path | None = None
-    windows: int | None = None
-    top_k: int | None = None
-    last_word_items: int | None = None
-    new_tokens: int | None = None
-    builtin_prompts: bool = True
-    lm_eval_tasks: list[str] | None = None  # lm-evaluation-harness task names
-    lm_eval_include: Path | None = None  # a folder of the user's lm-eval task files
-    lm_eval_limit: int | None = None  # items per task (None: all)
 
 
 @dataclass(frozen=True)
@@ -47,33 +31,37 @@ class EvalInputs:
     harness: HarnessRequest | None = None
 
 
-def eval_settings(options: EvalOptions) -> EvalSettings:
+def eval_settings(stage: EvaluateStage) -> EvalSettings:
     overrides = {
-        "windows": options.windows,
-        "top_k": options.top_k,
-        "n_last_word": options.last_word_items,
-        "max_new_tokens": options.new_tokens,
+        "windows": stage.windows,
+        "top_k": stage.top_k,
+        "n_last_word": stage.last_word_items,
+        "max_new_tokens": stage.new_tokens,
     }
     settings = EvalSettings(**{key: value for key, value in overrides.items() if value is not None})
     settings.validate()
     return settings
 
 
-def eval_inputs(options: EvalOptions) -> EvalInputs:
+def eval_inputs(stage: EvaluateStage) -> EvalInputs:
     """Read and check every evaluation input now."""
     from srcr.evaluators.prompts import load_prompts
     from srcr.evaluators.tasks import load_mc_tasks
 
     return EvalInputs(
-        settings=eval_settings(options),
-        text=evaluation_text(options.eval_text, options.eval_encoding),
-        prompts=load_prompts(options.prompts, include_builtin=options.builtin_prompts),
-        tasks=load_mc_tasks(options.tasks) if options.tasks else None,
-        harness=harness_request(options),
+        settings=eval_settings(stage),
+        text=evaluation_text(as_path(stage.text), stage.encoding),
+        prompts=load_prompts(as_path(stage.prompts), include_builtin=stage.builtin_prompts),
+        tasks=load_mc_tasks(Path(stage.tasks)) if stage.tasks else None,
+        harness=harness_request(stage),
     )
 
 
-def harness_request(options: EvalOptions) -> HarnessRequest | None:
+def as_path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def harness_request(options: EvaluateStage) -> HarnessRequest | None:
     """The lm-eval tasks asked for, every name checked against lm-eval's index now (seconds, not hours)."""
     from srcr.evaluators.harness import check_tasks
 
@@ -83,8 +71,9 @@ def harness_request(options: EvalOptions) -> HarnessRequest | None:
         return None
     if options.lm_eval_limit is not None and options.lm_eval_limit < 1:
         raise SrcrError(f"--lm-eval-limit {options.lm_eval_limit} must be at least 1 item per task")
-    check_tasks(options.lm_eval_tasks, options.lm_eval_include)
-    return HarnessRequest(list(options.lm_eval_tasks), options.lm_eval_include, options.lm_eval_limit)
+    include = as_path(options.lm_eval_include)
+    check_tasks(options.lm_eval_tasks, include)
+    return HarnessRequest(list(options.lm_eval_tasks), include, options.lm_eval_limit)
 
 
 def build_reference(loaded: LoadedModel, inputs: EvalInputs, device: str, progress: ProgressFn) -> ReferencePack:

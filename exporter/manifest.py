@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from srcr.base.errors import SrcrError
 from srcr.evaluators.uncertainty import ItemScores
+from srcr.exporter.recipe import Recipe
 
 SCHEMA_VERSION = 2
 LIBRARIES = ("torch", "transformers", "gguf", "llama-cpp-python", "onnx", "onnxruntime-gpu", "onnxruntime")
@@ -308,6 +309,9 @@ class Manifest(Section):
     srcr: float | None = None
     sr_actual: float | None = None
     srcr_interval: Interval | None = None  # Sr's interval times TCr
+    # The resolved recipe this artifact was made with: `srcr export --recipe M.manifest.json` replays it
+    # (absent in manifests written before srcr had recipes).
+    recipe: Recipe | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=False) + "\n"

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from srcr.base.compression import baseline_bytes, tcr
 from srcr.base.errors import SrcrError
@@ -52,7 +52,7 @@ from srcr.exporter.calibration import (
 )
 from srcr.exporter.evaluation import (
     EvalInputs,
-    EvalOptions,
+    as_path,
     build_reference,
     build_reference_from_artifact,
     eval_inputs,
@@ -69,8 +69,6 @@ from srcr.exporter.models import (
 )
 from srcr.exporter.pruning import PruneReport, PruneSpec, check_prunable, parse_pattern, prune_model, validate_spec
 from srcr.exporter.pruning.driver import decoder_layers
-from srcr.exporter.pruning.registry import DEFAULT_METHOD
-from srcr.exporter.pruning.spec import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP
 from srcr.exporter.pruning.structured import (
     StructureReport,
     StructureSpec,
@@ -79,6 +77,7 @@ from srcr.exporter.pruning.structured import (
     check_structure,
     prune_structure,
 )
+from srcr.exporter.recipe import PruneStage, Recipe, StructureStage
 from srcr.exporter.streaming import (
     FromDisk,
     check_streamable,
@@ -89,47 +88,7 @@ from srcr.exporter.streaming import (
 from srcr.targets.base import QuantSpec, Target
 from srcr.targets.registry import get_target
 
-__all__ = ["EvalOptions", "ExportOptions", "run_export"]
-
-
-@dataclass
-class PruneOptions:
-    method: str = DEFAULT_METHOD
-    percdamp: float = DEFAULT_PERCDAMP
-    block_size: int = DEFAULT_BLOCK_SIZE  # SparseGPT's column block (--prune-block-size)
-
-
-@dataclass
-class ExportOptions:
-    model: str | None = None
-    format: str = "gguf"
-    bits: int | None = None
-    quant_type: str | None = None
-    target_options: dict[str, object] = field(default_factory=dict)
-    method: str = DEFAULT_METHOD
-    sparsity: float = 0.0
-    pattern: str | None = None
-    percdamp: float = DEFAULT_PERCDAMP
-    prune_block_size: int = DEFAULT_BLOCK_SIZE
-    # Structured pruning; its `multiple` 0 means: the target's block width for the chosen quantization.
-    structure: StructureSpec = field(default_factory=lambda: StructureSpec(multiple=0))
-    calib: Path | None = None
-    calib_encoding: str | None = None
-    calib_samples: int | None = None
-    seq_len: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    out: Path = Path("out")
-    name: str | None = None
-    overwrite: bool = False
-    allow_pickle: bool = False
-    stream: str = "auto"  # auto | on | off: read the layers from disk one at a time
-    reference: str = "auto"  # auto | torch | artifact: where the reference pack is computed
-    evaluation: EvalOptions = field(default_factory=EvalOptions)
-
-
-STREAM_CHOICES = ("auto", "on", "off")
-REFERENCE_CHOICES = ("auto", "torch", "artifact")
+__all__ = ["run_export"]
 
 
 @dataclass(frozen=True)
@@ -197,13 +156,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def prune_spec_for(sparsity: float, pattern: str | None, options: PruneOptions) -> PruneSpec:
+def prune_spec_for(sparsity: float, pattern: str | None, stage: PruneStage) -> PruneSpec:
+    """The pruning request of `stage` at `sparsity` or `pattern` (a sweep's axes replace the stage's own)."""
     spec = PruneSpec(
-        method=options.method,
+        method=stage.method,
         sparsity=sparsity,
         pattern=parse_pattern(pattern) if pattern else None,
-        block_size=options.block_size,
-        percdamp=options.percdamp,
+        block_size=stage.block_size,
+        percdamp=stage.percdamp,
     )
     validate_spec(spec)
     return spec
@@ -263,60 +223,66 @@ class Plan:
     seed: int
     stream: bool = False  # layers read from disk one at a time; the model is never whole in memory
     reference: str = "torch"  # the dense model in PyTorch, or "artifact": its unrounded file in the target's runtime
+    recipe: Recipe = field(default_factory=Recipe)  # what was asked, for each artifact's resolved recipe
+    # (quant_type, grid) of each resolved spec -> what asked for it: (bits, type, quantizer)
+    requests: dict[tuple[str, str | None], QuantRequest] = field(default_factory=dict)
 
 
-class RunInputs(Protocol):
-    """What `make_plan` reads from the options of a command (ExportOptions, SweepOptions)."""
-
-    model: str | None
-    format: str
-    target_options: dict[str, object]
-    calib: Path | None
-    calib_encoding: str | None
-    calib_samples: int | None
-    seq_len: int | None
-    seed: int
-    device: str
-    out: Path
-    allow_pickle: bool
-    stream: str
-    reference: str
-    evaluation: EvalOptions
+STREAM_CHOICES = ("auto", "on", "off")
+REFERENCE_CHOICES = ("auto", "torch", "artifact")
+QuantRequest = tuple[int | None, str | None, str | None]  # bits, type name, quantizer (None: the format's own)
 
 
 def make_plan(
-    options: RunInputs,
+    recipe: Recipe,
+    out: Path,
+    allow_pickle: bool,
     bits: Sequence[int | None],
     quant_type: str | None,
     settings: Sequence[Setting],
     quantizers: Sequence[str | None] = (None,),
     quant_types: Sequence[str] = (),
 ) -> Plan:
-    """Cheapest checks first: flags, then files, then the model's config; no weight is read here.
+    """Cheapest checks first: the recipe, then files, then the model's config; no weight is read here.
 
     Every quantizer is crossed with every bit-width and every named type (`quant_types`, beside
-    `bits`); None is the format's own quantizer (or --quantizer in `options.target_options`)."""
-    target = get_target(options.format)
-    _check_choice("--stream", options.stream, STREAM_CHOICES)
-    _check_choice("--reference", options.reference, REFERENCE_CHOICES)
-    requests = [(width, quant_type) for width in bits] + [(None, name) for name in quant_types]
-    resolved = [
-        (target.resolve_quant(width, name, _with_quantizer(options.target_options, quantizer)), name is None)
+    `bits`); None is the recipe's quantizer (quantize.quantizer, itself None for the format's own)."""
+    target = get_target(recipe.export.format)
+    _check_choice("--stream", recipe.model.stream, STREAM_CHOICES)
+    _check_choice("--reference", recipe.evaluate.reference, REFERENCE_CHOICES)
+    target_options = recipe.quantize.target_options()
+    asked = [
+        (width, name, quantizer or recipe.quantize.quantizer)
         for quantizer in quantizers
-        for width, name in requests
+        for width, name in [(width, quant_type) for width in bits] + [(None, name) for name in quant_types]
     ]
-    check_calibration_request(options.calib_samples, options.seq_len)
-    device = resolve_device(options.device)
-    check_output_folder(options.out)
-    calibration = calibration_text(options.calib, options.calib_encoding)
-    if not options.evaluation.enabled and options.evaluation.lm_eval_tasks:
+    resolved = [
+        (target.resolve_quant(width, name, _with_quantizer(target_options, quantizer)), (width, name, quantizer))
+        for width, name, quantizer in asked
+    ]
+    calib = recipe.calibration
+    check_calibration_request(calib.samples, calib.seq_len)
+    device = resolve_device(recipe.model.device)
+    check_output_folder(out)
+    calibration = calibration_text(as_path(calib.text), calib.encoding)
+    _check_sha("calibration text", calibration.sha256, calib.sha256, "calibration.sha256")
+    evaluate = recipe.evaluate
+    if not evaluate.enabled and evaluate.lm_eval_tasks:
         raise SrcrError("--lm-eval-tasks runs during evaluation; drop --no-eval or the tasks")
-    inputs = eval_inputs(options.evaluation) if options.evaluation.enabled else None
-    source = open_source(options.model, options.allow_pickle)
+    inputs = eval_inputs(evaluate) if evaluate.enabled else None
+    source = open_source(recipe.model.source, allow_pickle)
+    if recipe.model.weights_sha256 is not None:
+        expected = recipe.model.weights_sha256
+        _check_sha(f"the model in {source.folder}", source.weights_sha256, expected, "model.weights_sha256")
     dtype = dtype_name(storage_dtype(source.config))
     # A width named by --bits is the checkpoint's own kind of it (a bfloat16 model's 16 bits are BF16).
-    resolved = [target.for_checkpoint(spec, dtype) if by_bits else spec for spec, by_bits in resolved]
-    specs = list({(spec.quant_type, spec.grid): spec for spec in resolved}.values())
+    resolved = [
+        (target.for_checkpoint(spec, dtype) if request[1] is None else spec, request) for spec, request in resolved
+    ]
+    requests: dict[tuple[str, str | None], QuantRequest] = {}
+    for spec, request in resolved:
+        requests.setdefault((spec.quant_type, spec.grid), request)
+    specs = list({(spec.quant_type, spec.grid): spec for spec, _ in resolved}.values())
     settings = [_fit_structure(setting, target, specs) for setting in settings]
     for spec in specs:
         target.check_model(source.config, spec)
@@ -329,8 +295,8 @@ def make_plan(
             check_fits(source.config, setting.structure)
             global_widths = setting.structure.width and setting.structure.allocation == "global"
             target.check_structure(source.config, setting.structure.drop_layers > 0, global_widths)
-    stream = _decide_stream(options.stream, target, source, model_skeleton, settings, specs)
-    reference = options.reference if options.reference != "auto" else "artifact" if stream else "torch"
+    stream = _decide_stream(recipe.model.stream, target, source, model_skeleton, settings, specs)
+    reference = evaluate.reference if evaluate.reference != "auto" else "artifact" if stream else "torch"
     if inputs is not None and reference == "artifact":
         target.reference_spec(dtype)  # the target can make one: checked now
     return Plan(
@@ -341,12 +307,22 @@ def make_plan(
         source=source,
         calibration_text=calibration,
         evaluation=inputs,
-        calib_samples=options.calib_samples,
-        seq_len=options.seq_len,
-        seed=options.seed,
+        calib_samples=calib.samples,
+        seq_len=calib.seq_len,
+        seed=calib.seed,
         stream=stream,
         reference=reference,
+        recipe=recipe,
+        requests=requests,
     )
+
+
+def _check_sha(what: str, actual: str, expected: str | None, field_name: str) -> None:
+    if expected is not None and actual != expected:
+        raise SrcrError(
+            f"{what} is not the one the recipe was made with (sha256 {actual[:12]}…, recipe {expected[:12]}…); "
+            f"point the recipe at the original or drop {field_name}"
+        )
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
@@ -595,6 +571,7 @@ def write_export(
     pack: ReferencePack | None,
     timer: StageTimer,
     progress: ProgressFn,
+    recipe: Recipe,
     overwrite: bool = False,
     save_pack: bool = True,
 ) -> manifests.Manifest:
@@ -630,7 +607,7 @@ def write_export(
                 pack.save(reference_file, overwrite=True)  # onto our own temporary name
             evaluation = evaluation_section(figures, pack, reference_file)
             evaluation["reference_pack"]["file"] = paths.reference.name
-        manifest = build_manifest(pruned, plan, spec, result, artifact_tmp, paths, evaluation, timer)
+        manifest = build_manifest(pruned, plan, spec, result, artifact_tmp, paths, evaluation, timer, recipe)
         manifest_tmp = outputs.enter_context(atomic_path(paths.manifest, overwrite))
         manifest_tmp.write_text(manifest.to_json())
     return manifest
@@ -645,6 +622,7 @@ def build_manifest(
     paths: OutputPaths,
     evaluation: dict[str, Any] | None,
     timer: StageTimer,
+    recipe: Recipe,
 ) -> manifests.Manifest:
     from srcr import __version__
 
@@ -694,31 +672,80 @@ def build_manifest(
             "srcr_interval": [bound * tcr_value for bound in evaluation["intervals"]["sr"]]
             if evaluation is not None
             else None,
+            "recipe": recipe.model_dump(),
         }
     )
 
 
 def run_export(
-    options: ExportOptions, progress: ProgressFn = no_progress, timer: StageTimer | None = None
+    recipe: Recipe,
+    out: Path = Path("out"),
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: ProgressFn = no_progress,
+    timer: StageTimer | None = None,
 ) -> manifests.Manifest:
-    """The whole export; returns the manifest that was written beside the artifact."""
+    """The whole export the recipe describes; returns the manifest that was written beside the artifact."""
     from srcr.base.files import check_file_name
 
-    prune_options = PruneOptions(options.method, options.percdamp, options.prune_block_size)
-    setting = Setting(prune_spec_for(options.sparsity, options.pattern, prune_options), options.structure)
-    if options.name is not None:
-        check_file_name(options.name)
-    plan = make_plan(options, [options.bits], options.quant_type, [setting])
+    if recipe.sweep is not None:
+        raise SrcrError("this recipe has sweep axes ([sweep]); run it with srcr sweep --recipe, or remove them")
+    prune = recipe.prune
+    setting = Setting(prune_spec_for(prune.sparsity, prune.pattern, prune), prune.structure.spec())
+    if recipe.export.name is not None:
+        check_file_name(recipe.export.name)
+    plan = make_plan(recipe, out, allow_pickle, [recipe.quantize.bits], recipe.quantize.type, [setting])
     spec = plan.specs[0]
-    setting = setting_for(plan.settings[0], spec)
-    name = options.name or default_name(plan.source.label, setting, spec)
-    paths = OutputPaths.for_name(options.out, name, plan.target.suffix)
-    paths.check(options.overwrite, with_reference=plan.evaluation is not None)
+    fitted = plan.settings[0]
+    setting = setting_for(fitted, spec)
+    name = recipe.export.name or default_name(plan.source.label, setting, spec)
+    paths = OutputPaths.for_name(out, name, plan.target.suffix)
+    paths.check(overwrite, with_reference=plan.evaluation is not None)
 
     timer = timer or StageTimer()
-    with workspace(options.out, name, f"{name} in {options.out}") as folder:
+    with workspace(out, name, f"{name} in {out}") as folder:
         loaded = load_stage(plan, timer, progress)
         calibration = calibration_stage(plan, loaded)
         pack = reference_stage(plan, loaded, folder, timer, progress)
         with prune_stage(plan, loaded, setting, calibration, folder, timer, progress, reuse_dense=True) as pruned:
-            return write_export(pruned, plan, spec, paths, pack, timer, progress, options.overwrite)
+            resolved = job_recipe(plan, fitted, spec, name)
+            return write_export(pruned, plan, spec, paths, pack, timer, progress, resolved, overwrite)
+
+
+def job_recipe(plan: Plan, setting: Setting, spec: QuantSpec, name: str) -> Recipe:
+    """The resolved recipe of one artifact, for its manifest: the plan's recipe with this artifact's own
+    pruning and quantization (a sweep's axes gone), its name, the files it read as absolute paths, and the
+    sha256 of the weights and the calibration text, so that replaying it reads exactly these or refuses, and
+    the device and reference the run chose (`auto` decides by the machine; a replay must not)."""
+    recipe = plan.recipe
+    bits, quant_type, quantizer = plan.requests[(spec.quant_type, spec.grid)]
+    if bits is None and quant_type is None:
+        bits = spec.bits  # the format's default, named: a later srcr may default to another
+    prune, structure = setting.prune, setting.structure
+    model_source = recipe.model.source
+    if model_source is not None and Path(model_source).exists():
+        model_source = str(Path(model_source).resolve())
+    changes: dict[str, Any] = {
+        "model": {"source": model_source, "weights_sha256": plan.source.weights_sha256, "device": plan.device},
+        "calibration": {"text": _absolute(recipe.calibration.text), "sha256": plan.calibration_text.sha256},
+        "prune": {
+            "sparsity": 0.0 if prune.pattern else prune.sparsity,
+            "pattern": f"{prune.pattern[0]}:{prune.pattern[1]}" if prune.pattern else None,
+            "structure": {key: getattr(structure, key) for key in StructureStage.model_fields},
+        },
+        "quantize": {"bits": bits, "type": quant_type, "quantizer": quantizer},
+        "export": {"name": name},
+        "evaluate": {
+            "reference": plan.reference,
+            **{
+                key: _absolute(getattr(recipe.evaluate, key)) for key in ("text", "prompts", "tasks", "lm_eval_include")
+            },
+        },
+        "sweep": None,
+    }
+    return recipe.merged(changes)
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())

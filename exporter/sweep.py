@@ -18,16 +18,15 @@ from srcr.base.files import sha256_of, write_json
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.evaluators.reference import ReferencePack
 from srcr.evaluators.uncertainty import ItemScores
-from srcr.exporter.evaluation import EvalOptions
 from srcr.exporter.manifest import Manifest, item_scores, read_manifest
 from srcr.exporter.pipeline import (
     OutputPaths,
     Plan,
-    PruneOptions,
     Setting,
     StageTimer,
     calibration_stage,
     default_name,
+    job_recipe,
     load_stage,
     make_plan,
     prune_spec_for,
@@ -37,46 +36,27 @@ from srcr.exporter.pipeline import (
     workspace,
     write_export,
 )
-from srcr.exporter.pruning.structured import StructureSpec
+from srcr.exporter.recipe import Recipe, SweepStage
 
 INDEX_FILE = "index.json"
 REFERENCE_FILE = "reference.npz"
 LOCK_NAME = "sweep"
 
 
-@dataclass
-class SweepOptions:
-    model: str | None = None
-    format: str = "gguf"
-    sparsities: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
-    patterns: list[str] = field(default_factory=list)
-    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
-    quantizers: list[str | None] = field(default_factory=lambda: [None])  # None: the format's own
-    quant_types: list[str] = field(default_factory=list)  # the format's type names, tried beside `bits`
-    prune: PruneOptions = field(default_factory=PruneOptions)
-    # Structured pruning settings crossed with the unstructured ones; StructureSpec() is "none".
-    structures: list[StructureSpec] = field(default_factory=lambda: [StructureSpec(multiple=0)])
-    target_options: dict[str, object] = field(default_factory=dict)
-    calib: Path | None = None
-    calib_encoding: str | None = None
-    calib_samples: int | None = None
-    seq_len: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    out: Path = Path("sweep")
-    allow_pickle: bool = False
-    stream: str = "auto"
-    reference: str = "auto"
-    evaluation: EvalOptions = field(default_factory=EvalOptions)
+def sweep_axes(recipe: Recipe) -> SweepStage:
+    """The recipe's axes; a recipe without [sweep] sweeps the default axes."""
+    return recipe.sweep if recipe.sweep is not None else SweepStage()
 
 
-def sweep_settings(options: SweepOptions) -> list[Setting]:
-    unstructured = [(sparsity, None) for sparsity in dict.fromkeys(options.sparsities)]
-    unstructured += [(0.0, pattern) for pattern in dict.fromkeys(options.patterns)]
-    if not unstructured or not options.structures:
+def sweep_settings(recipe: Recipe) -> list[Setting]:
+    axes = sweep_axes(recipe)
+    unstructured = [(sparsity, None) for sparsity in dict.fromkeys(axes.sparsity)]
+    unstructured += [(0.0, pattern) for pattern in dict.fromkeys(axes.pattern)]
+    if not unstructured or not axes.structures:
         raise SrcrError("the sweep has no pruning setting; pass --sparsity 0,0.25 and/or --pattern 2:4")
-    specs = [prune_spec_for(sparsity, pattern, options.prune) for sparsity, pattern in unstructured]
-    settings = [Setting(spec, structure) for structure in dict.fromkeys(options.structures) for spec in specs]
+    specs = [prune_spec_for(sparsity, pattern, recipe.prune) for sparsity, pattern in unstructured]
+    structures = [structure.spec() for structure in dict.fromkeys(axes.structures)]
+    settings = [Setting(spec, structure) for structure in structures for spec in specs]
     # Settings that leave the weights alone first: they run on the dense model, which later settings may consume.
     return sorted(settings, key=lambda setting: setting.changes_weights)
 
@@ -96,28 +76,32 @@ def _is_done(folder: Path, manifest_file: Path, reference_sha: str) -> Manifest 
     return manifest if sha256_of(artifact) == manifest.artifact.sha256 else None
 
 
-def _sweep_identity(plan: Plan, options: SweepOptions) -> dict[str, Any]:
+def _sweep_identity(plan: Plan) -> dict[str, Any]:
     """What must match for an existing sweep folder to be resumed rather than refused."""
-    evaluation = options.evaluation
+    recipe = plan.recipe
+    evaluation, prune = recipe.evaluate, recipe.prune
+    # A recipe's single quantizer is each quantization's unless an axis names others; the per-axis quantizer
+    # is in each configuration's name, so only the common options identify the sweep.
+    target_options = {key: value for key, value in recipe.quantize.target_options().items() if key != "quantizer"}
     identity = {
         "model_weights_sha256": plan.source.weights_sha256,
-        "format": options.format,
-        "method": options.prune.method,
-        "percdamp": options.prune.percdamp,
-        "prune_block_size": options.prune.block_size,
+        "format": recipe.export.format,
+        "method": prune.method,
+        "percdamp": prune.percdamp,
+        "prune_block_size": prune.block_size,
         "calib_sha256": plan.calibration_text.sha256,
-        "calib_samples": options.calib_samples,
-        "seq_len": options.seq_len,
-        "seed": options.seed,
+        "calib_samples": plan.calib_samples,
+        "seq_len": plan.seq_len,
+        "seed": plan.seed,
         "eval_text_sha256": plan.evaluation.text.sha256 if plan.evaluation else None,
-        "prompts": str(evaluation.prompts) if evaluation.prompts else None,
-        "tasks": str(evaluation.tasks) if evaluation.tasks else None,
+        "prompts": evaluation.prompts,
+        "tasks": evaluation.tasks,
         "windows": evaluation.windows,
         "top_k": evaluation.top_k,
         "last_word_items": evaluation.last_word_items,
         "new_tokens": evaluation.new_tokens,
         "builtin_prompts": evaluation.builtin_prompts,
-        "target_options": options.target_options,
+        "target_options": target_options,
     }
     if plan.reference != "torch":  # only then: sweep folders of earlier versions keep resuming
         identity["reference"] = plan.reference
@@ -166,29 +150,34 @@ def _paths(folder: Path, name: str, suffix: str) -> OutputPaths:
     )
 
 
-def run_sweep(options: SweepOptions, progress: ProgressFn = no_progress) -> list[Manifest]:
-    """Run (or resume) the sweep; returns the manifests of every configuration, in sweep order."""
-    if not options.evaluation.enabled:
+def run_sweep(
+    recipe: Recipe, out: Path = Path("sweep"), *, allow_pickle: bool = False, progress: ProgressFn = no_progress
+) -> list[Manifest]:
+    """Run (or resume) the sweep the recipe's axes describe; returns the manifests of every configuration,
+    in sweep order. Each manifest embeds its own configuration's recipe, which `srcr export` replays."""
+    if not recipe.evaluate.enabled:
         raise SrcrError("a sweep ranks configurations by Sr, so it always evaluates; drop --no-eval")
-    if not options.bits and not options.quant_types:
+    axes = sweep_axes(recipe)
+    if not axes.bits and not axes.quant_type:
         raise SrcrError("--bits is empty; pass the bit-widths to try, e.g. --bits 2,3,4,8, or --quant-type")
-    bits, quantizers = list(dict.fromkeys(options.bits)), list(dict.fromkeys(options.quantizers))
-    plan = make_plan(options, bits, None, sweep_settings(options), quantizers, list(dict.fromkeys(options.quant_types)))
-    with workspace(options.out, LOCK_NAME, f"the sweep folder {options.out}") as folder:
-        return _run(plan, options, folder, progress)
+    bits, quantizers = list(dict.fromkeys(axes.bits)), list(dict.fromkeys(axes.quantizer)) or [None]
+    quant_types = list(dict.fromkeys(axes.quant_type))
+    plan = make_plan(recipe, out, allow_pickle, bits, None, sweep_settings(recipe), quantizers, quant_types)
+    with workspace(out, LOCK_NAME, f"the sweep folder {out}") as folder:
+        return _run(plan, folder, progress)
 
 
-def _run(plan: Plan, options: SweepOptions, folder: Path, progress: ProgressFn) -> list[Manifest]:
-    identity = _sweep_identity(plan, options)
+def _run(plan: Plan, folder: Path, progress: ProgressFn) -> list[Manifest]:
+    identity = _sweep_identity(plan)
     index = _load_index(folder, identity)
     plan_rows = [
-        (
-            setting_for(setting, spec),
-            spec,
-            _paths(folder, default_name(plan.source.label, setting, spec), plan.target.suffix),
-        )
+        (setting_for(setting, spec), spec, default_name(plan.source.label, setting_for(setting, spec), spec), setting)
         for setting in plan.settings
         for spec in plan.specs
+    ]
+    plan_rows = [
+        (setting, spec, _paths(folder, name, plan.target.suffix), job_recipe(plan, fitted, spec, name))
+        for setting, spec, name, fitted in plan_rows
     ]
     shared = StageTimer()
     dense = load_stage(plan, shared, progress)
@@ -198,15 +187,15 @@ def _run(plan: Plan, options: SweepOptions, folder: Path, progress: ProgressFn) 
 
     total, finished = len(plan_rows), 0
     manifests: dict[Path, Manifest] = {}
-    todo: dict[Setting, list[tuple[Any, OutputPaths]]] = {setting: [] for setting, _, _ in plan_rows}
-    for setting, spec, paths in plan_rows:
+    todo: dict[Setting, list[tuple[Any, OutputPaths, Recipe]]] = {setting: [] for setting, *_ in plan_rows}
+    for setting, spec, paths, recipe in plan_rows:
         done = _is_done(folder, paths.manifest, reference_sha)
         if done is not None:
             manifests[paths.manifest] = done
             finished += 1
             progress("sweep: skipping finished configurations", finished, total)
         else:
-            todo[setting].append((spec, paths))
+            todo[setting].append((spec, paths, recipe))
     with_work = [setting for setting in todo if todo[setting]]
     # One copy of the model at a time: the first setting that changes weights prunes the dense model itself
     # (the reference pack is made), every later one a fresh copy read once the previous one is gone.
@@ -217,12 +206,12 @@ def _run(plan: Plan, options: SweepOptions, folder: Path, progress: ProgressFn) 
         if model.weights is None and setting.changes_weights:
             dense = None  # pruned in place below: what is left is no longer the dense model
         with prune_stage(plan, model, setting, calibration, folder, timer, progress, reuse_dense=True) as pruned:
-            for spec, paths in todo[setting]:
+            for spec, paths, recipe in todo[setting]:
                 progress(f"sweep {paths.artifact.name}", finished, total)
                 config_timer = StageTimer()
                 config_timer.seconds = dict(timer.seconds)
                 manifest = write_export(
-                    pruned, plan, spec, paths, pack, config_timer, progress, overwrite=True, save_pack=False
+                    pruned, plan, spec, paths, pack, config_timer, progress, recipe, overwrite=True, save_pack=False
                 )
                 manifests[paths.manifest] = manifest
                 index["configurations"][manifest.name] = {
@@ -234,7 +223,7 @@ def _run(plan: Plan, options: SweepOptions, folder: Path, progress: ProgressFn) 
                 progress(f"sweep {paths.artifact.name}", finished, total)
         del pruned, model
     write_json(folder / INDEX_FILE, index, overwrite=True)
-    return [manifests[paths.manifest] for _, _, paths in plan_rows]
+    return [manifests[paths.manifest] for _, _, paths, _ in plan_rows]
 
 
 def sweep_records(manifests: list[Manifest]) -> list[dict[str, Any]]:

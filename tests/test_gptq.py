@@ -320,22 +320,23 @@ def test_a_model_whose_rows_do_not_fill_blocks_is_refused_from_its_config():
 
 
 def test_sweep_crosses_quantizers_and_gives_each_gptq_type_its_own_pass(tmp_path, tiny_llama_dir):
-    from srcr.exporter.pipeline import EvalOptions
-    from srcr.exporter.sweep import SweepOptions, run_sweep
+    from srcr.exporter.recipe import Recipe
+    from srcr.exporter.sweep import run_sweep
 
     prompts = Path(__file__).parent / "data" / "prompts_small.jsonl"
-    options = SweepOptions(
-        model=str(tiny_llama_dir),
-        sparsities=[0.0, 0.5],
-        bits=[],
-        quant_types=["Q4_0", "Q8_0"],
-        quantizers=["llama.cpp", "gptq"],
-        calib_samples=4,
-        seq_len=64,
-        out=tmp_path / "sweep",
-        evaluation=EvalOptions(windows=2, last_word_items=10, new_tokens=8, builtin_prompts=False, prompts=prompts),
-    )
-    manifests = {manifest.name: manifest for manifest in run_sweep(options)}
+    recipe = Recipe.model_validate(
+        {
+            "model": {"source": str(tiny_llama_dir)},
+            "calibration": {"samples": 4, "seq_len": 64},
+            "evaluate": {
+                "windows": 2, "last_word_items": 10, "new_tokens": 8, "builtin_prompts": False, "prompts": str(prompts)
+            },
+            "sweep": {
+                "sparsity": [0.0, 0.5], "bits": [], "quant_type": ["Q4_0", "Q8_0"], "quantizer": ["llama.cpp", "gptq"]
+            },
+        }
+    )  # fmt: skip
+    manifests = {manifest.name: manifest for manifest in run_sweep(recipe, tmp_path / "sweep")}
     assert len(manifests) == 8, list(manifests)
     gptq = [manifest for manifest in manifests.values() if manifest.pruning.gptq_grid is not None]
     assert len(gptq) == 4

@@ -144,24 +144,26 @@ STAGES = [
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_ctrl_c_in_any_export_stage_leaves_nothing(tmp_path, tiny_llama_dir, stage):
-    from srcr.exporter.evaluation import EvalOptions
-    from srcr.exporter.pipeline import ExportOptions, run_export
+    from srcr.exporter.pipeline import run_export
+    from srcr.exporter.recipe import Recipe
 
     def interrupt_at(description: str, completed: int, total: int) -> None:
         if description.startswith(stage):
             raise KeyboardInterrupt
 
     out = tmp_path / "out"
-    options = ExportOptions(
-        model=str(tiny_llama_dir),
-        bits=8,
-        calib_samples=4,
-        seq_len=64,
-        out=out,
-        evaluation=EvalOptions(windows=2, last_word_items=5, new_tokens=4, builtin_prompts=False, prompts=PROMPTS),
-    )
+    recipe = Recipe.model_validate(
+        {
+            "model": {"source": str(tiny_llama_dir)},
+            "quantize": {"bits": 8},
+            "calibration": {"samples": 4, "seq_len": 64},
+            "evaluate": {
+                "windows": 2, "last_word_items": 5, "new_tokens": 4, "builtin_prompts": False, "prompts": str(PROMPTS)
+            },
+        }
+    )  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
-        run_export(options, interrupt_at)
+        run_export(recipe, out, progress=interrupt_at)
     assert not out.exists()  # the run made the folder, and removed it again empty
 
 

@@ -254,14 +254,14 @@ def test_stream_auto_streams_what_does_not_fit_and_can_stream(
     bf16_sharded_dir, tmp_path, monkeypatch, fmt, fits, streams
 ):
     from srcr.exporter import pipeline
-    from srcr.exporter.evaluation import EvalOptions
+    from srcr.exporter.recipe import Recipe
 
     monkeypatch.setattr(pipeline, "stream_fits", lambda source: fits)
-    options = pipeline.ExportOptions(
-        model=str(bf16_sharded_dir), format=fmt, out=tmp_path, evaluation=EvalOptions(enabled=False)
+    recipe = Recipe.model_validate(
+        {"model": {"source": str(bf16_sharded_dir)}, "export": {"format": fmt}, "evaluate": {"enabled": False}}
     )
-    setting = pipeline.Setting(pipeline.prune_spec_for(0.5, None, pipeline.PruneOptions()))
-    plan = pipeline.make_plan(options, [8], None, [setting])
+    setting = pipeline.Setting(pipeline.prune_spec_for(0.5, None, recipe.prune))
+    plan = pipeline.make_plan(recipe, tmp_path, False, [8], None, [setting])
     assert plan.stream is streams
     assert plan.reference == ("artifact" if streams else "torch")
 
@@ -286,14 +286,15 @@ def test_the_artifact_reference_prompts_and_scores_as_the_torch_reference(bf16_s
     """llama.cpp renders no chat template: the artifact reference must still prompt through the model's own
     (else its semantic figure is another evaluation), and see the very windows the torch reference sees."""
     from srcr.base.progress import no_progress
-    from srcr.exporter.evaluation import EvalOptions, build_reference, build_reference_from_artifact, eval_inputs
+    from srcr.exporter.evaluation import build_reference, build_reference_from_artifact, eval_inputs
     from srcr.exporter.pipeline import export_hints
+    from srcr.exporter.recipe import EvaluateStage
     from srcr.targets.registry import get_target
 
     loaded = load_weights(open_source(str(bf16_sharded_dir)))
     prompts = Path(__file__).parent / "data" / "prompts_small.jsonl"
     inputs = eval_inputs(
-        EvalOptions(windows=1, last_word_items=3, new_tokens=3, builtin_prompts=False, prompts=prompts)
+        EvaluateStage(windows=1, last_word_items=3, new_tokens=3, builtin_prompts=False, prompts=str(prompts))
     )
     target = get_target("gguf")
     torch_pack = build_reference(loaded, inputs, "cpu", no_progress)

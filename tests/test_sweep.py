@@ -10,23 +10,22 @@ from typer.testing import CliRunner
 
 import srcr.exporter.sweep as sweep_module
 from srcr.exporter.cli import app
-from srcr.exporter.pipeline import EvalOptions, PruneOptions
-from srcr.exporter.sweep import SweepOptions, run_sweep
+from srcr.exporter.recipe import Recipe
+from srcr.exporter.sweep import run_sweep
 
 PROMPTS = Path(__file__).parent / "data" / "prompts_small.jsonl"
-FAST_EVAL = EvalOptions(windows=2, last_word_items=10, new_tokens=8, builtin_prompts=False, prompts=PROMPTS)
+FAST_EVAL = {"windows": 2, "last_word_items": 10, "new_tokens": 8, "builtin_prompts": False, "prompts": str(PROMPTS)}
 
 
-def options(model, out):
-    return SweepOptions(
-        model=str(model),
-        sparsities=[0.0, 0.5],
-        bits=[4, 8],
-        prune=PruneOptions(method="wanda"),
-        calib_samples=4,
-        seq_len=64,
-        out=out,
-        evaluation=FAST_EVAL,
+def recipe(model):
+    return Recipe.model_validate(
+        {
+            "model": {"source": str(model)},
+            "prune": {"method": "wanda"},
+            "calibration": {"samples": 4, "seq_len": 64},
+            "evaluate": FAST_EVAL,
+            "sweep": {"sparsity": [0.0, 0.5], "bits": [4, 8]},
+        }
     )
 
 
@@ -56,14 +55,14 @@ def test_killed_sweep_resumes_without_repeating_work(tmp_path, tiny_llama_dir, m
     monkeypatch.setattr(sweep_module, "write_export", counting_write_export)
     monkeypatch.setattr(sweep_module, "prune_stage", counting_prune_stage)
     with pytest.raises(Killed):
-        run_sweep(options(tiny_llama_dir, out))
+        run_sweep(recipe(tiny_llama_dir), out)
     assert len(exported) == 3 and len(prunings) == 2  # one pruning per setting, shared by both bit-widths
     assert not [path for path in out.iterdir() if path.name.startswith(".")]  # no temporary file, no lock
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.manifest.json")}
     assert len(done_before) == 3
 
     kill["armed"] = False
-    manifests = run_sweep(options(tiny_llama_dir, out))
+    manifests = run_sweep(recipe(tiny_llama_dir), out)
     assert len(manifests) == 4
     assert len(exported) == 4  # only the interrupted configuration ran again
     assert len(prunings) == 3  # and only its pruning setting was redone
@@ -72,7 +71,7 @@ def test_killed_sweep_resumes_without_repeating_work(tmp_path, tiny_llama_dir, m
     index = json.loads((out / "index.json").read_text())
     assert len(index["configurations"]) == 4
 
-    manifests_again = run_sweep(options(tiny_llama_dir, out))
+    manifests_again = run_sweep(recipe(tiny_llama_dir), out)
     assert len(exported) == 4 and len(prunings) == 3  # a finished sweep does nothing
     assert [m.name for m in manifests_again] == [m.name for m in manifests]
 
