@@ -1,4 +1,7 @@
-"""The one orchestrator behind `srcr export` and `srcr sweep`.
+"""The one orchestrator behind `srcr export` and `srcr sweep` (and `srcr.export`, `srcr.sweep`).
+
+Its input is a recipe (exporter/recipe.py) and the run's own options (output folder, overwrite, pickle);
+each artifact's manifest gets the recipe resolved for that artifact (`job_recipe`), which replays it.
 
 plan (every input checked, nothing expensive) → load → reference pack (dense model) → per pruning
 setting: calibrate + prune → per quantization: convert + quantize → evaluate → manifest.
