@@ -444,13 +444,13 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
 ) -> None:
     """Re-measure an exported artifact on this device and compare with its manifest (exit 1 on drift)."""
-    from srcr.exporter.verify import verify as run_verify
+    from srcr.exporter import api
 
     console = stderr_console()
     with user_errors(console) as interrupts:
         limits = _parse_tolerances(tolerance or [])
         with stage_progress(console, interrupts) as progress:
-            outcome = run_verify(manifest, limits, device=device, progress=progress, mode=tolerance_mode)
+            outcome = api.verify(manifest, tolerances=limits, device=device, mode=tolerance_mode, progress=progress)
     speed = outcome.measured.get("speed", {})
     if as_json:
         payload = {

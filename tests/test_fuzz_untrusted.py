@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tomllib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -257,6 +258,43 @@ def test_manifest_mutations_read_and_compare(base_manifest, tmp_path_factory):
 
     case()
     assert len(ran) >= 1000
+
+
+def test_recipe_mutations_read_as_a_recipe_or_one_line(base_manifest, tmp_path_factory):
+    """Recipe files (the manifest's resolved recipe, mutated) as JSON, YAML and TOML; and as `--recipe`."""
+    import yaml
+
+    from srcr.exporter.recipe import Recipe, read_recipe
+
+    folder = tmp_path_factory.mktemp("fuzz-recipes")
+    base = base_manifest["recipe"]
+    Recipe.model_validate(base)  # the starting point validates
+    ran = []
+
+    @fuzz_settings(400)
+    @given(mutated_manifests(base), st.sampled_from(["json", "yaml", "toml"]))
+    def case(data: dict[str, Any], suffix: str) -> None:
+        ran.append(1)
+        path = folder / f"case.{suffix}"
+        if suffix == "json":
+            text = json.dumps(data)
+        elif suffix == "yaml":
+            text = yaml.safe_dump(data, allow_unicode=True)
+        else:
+            try:
+                text = Recipe.model_validate(data).to_toml()
+            except Exception:  # not a recipe: no TOML to write, but still a file to read
+                text = json.dumps(data).replace("{", "[", 1)
+        write_text(path, text)
+        try:
+            recipe = read_recipe(path)
+        except SrcrError as error:
+            check_user_error(error)
+            return
+        assert Recipe.model_validate(tomllib.loads(recipe.to_toml())) == recipe
+
+    case()
+    assert len(ran) >= 300
 
 
 def test_manifest_file_names_and_non_utf8(base_manifest, tmp_path_factory):
