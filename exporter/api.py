@@ -81,15 +81,23 @@ def sweep(
     out: str | Path = "sweep",
     allow_pickle: bool = False,
     progress: ProgressFn = no_progress,
+    executor: str = "local",
+    ray_address: str | None = None,
+    cache: str | Path | None | bool = True,
 ) -> SweepResult:
     """Every combination of the recipe's sweep axes (the default axes when it has none), resumable in `out`;
-    ranks them, marks the Pareto fronts and writes report.html."""
-    from srcr.exporter.sweep import run_sweep, summarize, write_report
+    ranks them, marks the Pareto fronts and writes report.html. `executor="ray"` runs each pruning setting
+    as a Ray task (`ray_address`: None starts a cluster of this machine, "auto" or "HOST:PORT" joins one);
+    `cache`: True for the default stage cache, a folder for another, False or None for none."""
+    from srcr.exporter.stage_cache import default_cache_root
+    from srcr.exporter.sweep import RunOptions, run_sweep, summarize, write_report
 
     job = _with_model(load_recipe(recipe), model)
     if job.sweep is None:
         job = job.merged({"sweep": SweepStage().model_dump()})
-    manifests = run_sweep(job, Path(out), allow_pickle=allow_pickle, progress=progress)
+    cache_root = default_cache_root() if cache is True else Path(cache) if cache else None
+    run = RunOptions(executor=executor, ray_address=ray_address, cache=cache_root)
+    manifests = run_sweep(job, Path(out), allow_pickle=allow_pickle, progress=progress, run=run)
     axes = job.sweep
     summary = summarize(manifests, axes.budget_mb, axes.min_retention)
     title = f"srcr sweep: {manifests[0].source_model.id} ({job.export.format})"

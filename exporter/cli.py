@@ -171,6 +171,7 @@ def _structure_summary(structure: dict[str, Any] | None) -> str:
 # Help panels: the options of export and sweep grouped by stage, as the recipe is.
 P_RECIPE, P_MODEL, P_PRUNE, P_STRUCT = "Recipe", "Model", "Pruning", "Structured pruning"
 P_QUANT, P_CALIB, P_EVAL, P_OUT = "Quantization", "Calibration", "Evaluation", "Output"
+P_RUN = "Where it runs"
 DEFAULT = Recipe()
 RECIPE_HELP = (
     "Start from a recipe (TOML, YAML or JSON; docs/recipe.md) or a manifest, whose embedded recipe reproduces "
@@ -769,6 +770,37 @@ def sweep(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the records and recommendation as JSON.", rich_help_panel=P_OUT)
     ] = False,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="local: one pruning setting after another in this process; ray: each setting a Ray task "
+            "(pip install 'srcr[ray]'), on this machine or the cluster at --ray-address.",
+            rich_help_panel=P_RUN,
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="The Ray cluster to run on: auto (the one this machine belongs to) or HOST:PORT; default: "
+            "a cluster of this machine's cores, started for the sweep. Several machines need a shared --out.",
+            rich_help_panel=P_RUN,
+        ),
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Reuse finished stages (reference pack, configurations) from the stage cache and add to it.",
+            rich_help_panel=P_RUN,
+        ),
+    ] = True,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="The stage cache's folder (default: $SRCR_STAGE_CACHE, else ~/.cache/srcr/stages).",
+            rich_help_panel=P_RUN,
+        ),
+    ] = None,
 ) -> None:
     """Try every pruning × quantization combination; rank by SrCr, mark the Pareto front, write report.html.
 
@@ -795,7 +827,15 @@ def sweep(
             typer.echo(recipe.to_toml(), nl=False)
             return
         with stage_progress(console, interrupts) as progress:
-            result = api.sweep(recipe=recipe, out=out, allow_pickle=allow_pickle, progress=progress)
+            result = api.sweep(
+                recipe=recipe,
+                out=out,
+                allow_pickle=allow_pickle,
+                progress=progress,
+                executor=executor,
+                ray_address=ray_address,
+                cache=(cache_dir or True) if cache else False,
+            )
     summary, report = result.summary, result.report
     if as_json:
         payload = {

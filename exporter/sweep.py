@@ -8,13 +8,14 @@ of the same command skips everything that is done and intact (sha256-checked).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from srcr.base.errors import SrcrError
-from srcr.base.files import sha256_of, write_json
+from srcr.base.files import remove_stale_partials, sha256_of, write_json
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.evaluators.reference import ReferencePack
 from srcr.evaluators.uncertainty import ItemScores
@@ -37,6 +38,8 @@ from srcr.exporter.pipeline import (
     write_export,
 )
 from srcr.exporter.recipe import Recipe, SweepStage
+from srcr.exporter.stage_cache import StageCache, default_cache_root, restore, stage_key
+from srcr.targets.base import QuantSpec
 
 INDEX_FILE = "index.json"
 REFERENCE_FILE = "reference.npz"
@@ -132,13 +135,49 @@ def _load_index(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return index
 
 
-def _reference_pack(plan: Plan, loaded: Any, folder: Path, timer: StageTimer, progress: ProgressFn) -> ReferencePack:
+def _reference_pack(
+    plan: Plan, loaded: Any, folder: Path, timer: StageTimer, progress: ProgressFn, cache: StageCache | None
+) -> ReferencePack:
+    """The sweep folder's pack, else the cache's for the same model and evaluation, else a new one (cached)."""
     path = folder / REFERENCE_FILE
     if path.is_file():
         return ReferencePack.load(path)
+    key = stage_key("reference", _reference_inputs(plan)) if cache is not None else None
+    cached = cache.get("reference", key) if cache is not None else None
+    if cached is not None and REFERENCE_FILE in cached:
+        restore(cached[REFERENCE_FILE], path)
+        return ReferencePack.load(path)
     pack = reference_stage(plan, loaded, folder, timer, progress)
     pack.save(path)
+    if cache is not None:
+        cache.put("reference", key, {REFERENCE_FILE: path})
     return pack
+
+
+def _reference_inputs(plan: Plan) -> dict[str, Any]:
+    """What the dense model's reference pack depends on: the weights, every evaluation input, where it ran."""
+    inputs = plan.evaluation
+    return {
+        "weights": plan.source.weights_sha256,
+        "settings": dataclasses.asdict(inputs.settings),
+        "text": inputs.text.sha256,
+        "prompts": inputs.prompts,
+        "tasks": inputs.tasks,
+        "harness": repr(inputs.harness),
+        "reference": plan.reference,
+        "device": plan.device,
+    }
+
+
+def _artifact_key(recipe: Recipe, reference_sha: str) -> str:
+    """A configuration's entry: its resolved recipe less the paths that the digests cover (the weights',
+    the calibration text's, and the reference pack's, which holds the evaluation's inputs)."""
+    data = recipe.model_dump()
+    data["model"].pop("source")
+    data["calibration"].pop("text")
+    for key in ("text", "prompts", "tasks", "lm_eval_include"):
+        data["evaluate"].pop(key)
+    return stage_key("artifact", {"recipe": data, "reference_pack": reference_sha})
 
 
 def _paths(folder: Path, name: str, suffix: str) -> OutputPaths:
@@ -150,80 +189,187 @@ def _paths(folder: Path, name: str, suffix: str) -> OutputPaths:
     )
 
 
-def run_sweep(
-    recipe: Recipe, out: Path = Path("sweep"), *, allow_pickle: bool = False, progress: ProgressFn = no_progress
-) -> list[Manifest]:
-    """Run (or resume) the sweep the recipe's axes describe; returns the manifests of every configuration,
-    in sweep order. Each manifest embeds its own configuration's recipe, which `srcr export` replays."""
-    if not recipe.evaluate.enabled:
-        raise SrcrError("a sweep ranks configurations by Sr, so it always evaluates; drop --no-eval")
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a sweep runs, not what it computes: none of these changes a file it writes."""
+
+    executor: str = "local"  # local: one configuration after another in this process; ray: tasks on a cluster
+    ray_address: str | None = None  # None: a Ray cluster of this machine's cores, started for the sweep
+    cache: Path | None = field(default_factory=default_cache_root)  # None: --no-cache
+
+
+def sweep_plan(recipe: Recipe, out: Path, allow_pickle: bool) -> Plan:
+    """The sweep's plan: every input checked, no weight read (a Ray task makes it again, as cheaply)."""
     axes = sweep_axes(recipe)
     if not axes.bits and not axes.quant_type:
         raise SrcrError("--bits is empty; pass the bit-widths to try, e.g. --bits 2,3,4,8, or --quant-type")
     bits, quantizers = list(dict.fromkeys(axes.bits)), list(dict.fromkeys(axes.quantizer)) or [None]
     quant_types = list(dict.fromkeys(axes.quant_type))
-    plan = make_plan(recipe, out, allow_pickle, bits, None, sweep_settings(recipe), quantizers, quant_types)
+    return make_plan(recipe, out, allow_pickle, bits, None, sweep_settings(recipe), quantizers, quant_types)
+
+
+def run_sweep(
+    recipe: Recipe,
+    out: Path = Path("sweep"),
+    *,
+    allow_pickle: bool = False,
+    progress: ProgressFn = no_progress,
+    run: RunOptions | None = None,
+) -> list[Manifest]:
+    """Run (or resume) the sweep the recipe's axes describe; returns the manifests of every configuration,
+    in sweep order. Each manifest embeds its own configuration's recipe, which `srcr export` replays."""
+    run = run or RunOptions()
+    if not recipe.evaluate.enabled:
+        raise SrcrError("a sweep ranks configurations by Sr, so it always evaluates; drop --no-eval")
+    if run.executor not in EXECUTORS:
+        raise SrcrError(f"unknown --executor {run.executor!r}; choose {' or '.join(EXECUTORS)}")
+    if run.executor == "ray":
+        from srcr.exporter.distributed import require_ray
+
+        require_ray()  # before any work
+    plan = sweep_plan(recipe, out, allow_pickle)
     with workspace(out, LOCK_NAME, f"the sweep folder {out}") as folder:
-        return _run(plan, folder, progress)
+        return _run(plan, folder, progress, run, allow_pickle)
 
 
-def _run(plan: Plan, folder: Path, progress: ProgressFn) -> list[Manifest]:
+@dataclass(frozen=True)
+class Row:
+    """One configuration: the pruning pass it needs, its quantization, its files and its resolved recipe."""
+
+    setting: Setting
+    spec: QuantSpec
+    paths: OutputPaths
+    recipe: Recipe
+
+
+def sweep_rows(plan: Plan, folder: Path) -> list[Row]:
+    rows = []
+    for fitted in plan.settings:
+        for spec in plan.specs:
+            setting = setting_for(fitted, spec)
+            name = default_name(plan.source.label, setting, spec)
+            paths = _paths(folder, name, plan.target.suffix)
+            rows.append(Row(setting, spec, paths, job_recipe(plan, fitted, spec, name)))
+    return rows
+
+
+def _run(plan: Plan, folder: Path, progress: ProgressFn, run: RunOptions, allow_pickle: bool) -> list[Manifest]:
     identity = _sweep_identity(plan)
     index = _load_index(folder, identity)
-    plan_rows = [
-        (setting_for(setting, spec), spec, default_name(plan.source.label, setting_for(setting, spec), spec), setting)
-        for setting in plan.settings
-        for spec in plan.specs
-    ]
-    plan_rows = [
-        (setting, spec, _paths(folder, name, plan.target.suffix), job_recipe(plan, fitted, spec, name))
-        for setting, spec, name, fitted in plan_rows
-    ]
+    cache = StageCache(run.cache) if run.cache is not None else None
+    rows = sweep_rows(plan, folder)
     shared = StageTimer()
     dense = load_stage(plan, shared, progress)
-    pack = _reference_pack(plan, dense, folder, shared, progress)
+    pack = _reference_pack(plan, dense, folder, shared, progress, cache)
     reference_sha = sha256_of(folder / REFERENCE_FILE)
-    calibration = calibration_stage(plan, dense)
 
-    total, finished = len(plan_rows), 0
+    total = len(rows)
     manifests: dict[Path, Manifest] = {}
-    todo: dict[Setting, list[tuple[Any, OutputPaths, Recipe]]] = {setting: [] for setting, *_ in plan_rows}
-    for setting, spec, paths, recipe in plan_rows:
-        done = _is_done(folder, paths.manifest, reference_sha)
+    todo: dict[Setting, list[Row]] = {row.setting: [] for row in rows}
+    for row in rows:
+        done = _is_done(folder, row.paths.manifest, reference_sha) or _from_cache(cache, row, folder, reference_sha)
         if done is not None:
-            manifests[paths.manifest] = done
-            finished += 1
-            progress("sweep: skipping finished configurations", finished, total)
+            manifests[row.paths.manifest] = done
+            progress("sweep: skipping finished configurations", len(manifests), total)
         else:
-            todo[setting].append((spec, paths, recipe))
-    with_work = [setting for setting in todo if todo[setting]]
+            todo[row.setting].append(row)
+    with_work = {setting: rows for setting, rows in todo.items() if rows}
+
+    def finished(row: Row, manifest: Manifest) -> None:
+        manifests[row.paths.manifest] = manifest
+        index["configurations"][manifest.name] = {
+            "manifest": row.paths.manifest.name,
+            "artifact_sha256": manifest.artifact.sha256,
+        }
+        write_json(folder / INDEX_FILE, index, overwrite=True)
+        if cache is not None:
+            cache.put("artifact", _artifact_key(row.recipe, reference_sha), _entry_files(row.paths))
+        progress(f"sweep {row.paths.artifact.name}", len(manifests), total)
+
+    if run.executor == "ray" and with_work:
+        from srcr.exporter.distributed import run_on_ray
+
+        del dense  # the workers load their own
+        run_on_ray(plan, folder, list(with_work.values()), allow_pickle, run.ray_address, finished, progress)
+        remove_stale_partials(folder)  # what workers that died mid-task left
+    else:
+        _run_here(plan, folder, with_work, dense, pack, progress, finished)
+    write_json(folder / INDEX_FILE, index, overwrite=True)
+    return [manifests[row.paths.manifest] for row in rows]
+
+
+def _run_here(
+    plan: Plan,
+    folder: Path,
+    with_work: dict[Setting, list[Row]],
+    dense: Any,
+    pack: ReferencePack,
+    progress: ProgressFn,
+    finished: Any,
+) -> None:
+    """The local executor: each pruning setting once, in this process, every quantization of it after it."""
+    calibration = calibration_stage(plan, dense)
     # One copy of the model at a time: the first setting that changes weights prunes the dense model itself
     # (the reference pack is made), every later one a fresh copy read once the previous one is gone.
     # Streamed, no setting holds a copy: each reads the layers from the source folder.
-    for setting in with_work:
+    for setting, rows in with_work.items():
         timer = StageTimer()
         model = dense if dense is not None else load_stage(plan, timer, progress)
         if model.weights is None and setting.changes_weights:
             dense = None  # pruned in place below: what is left is no longer the dense model
-        with prune_stage(plan, model, setting, calibration, folder, timer, progress, reuse_dense=True) as pruned:
-            for spec, paths, recipe in todo[setting]:
-                progress(f"sweep {paths.artifact.name}", finished, total)
-                config_timer = StageTimer()
-                config_timer.seconds = dict(timer.seconds)
-                manifest = write_export(
-                    pruned, plan, spec, paths, pack, config_timer, progress, recipe, overwrite=True, save_pack=False
-                )
-                manifests[paths.manifest] = manifest
-                index["configurations"][manifest.name] = {
-                    "manifest": paths.manifest.name,
-                    "artifact_sha256": manifest.artifact.sha256,
-                }
-                write_json(folder / INDEX_FILE, index, overwrite=True)
-                finished += 1
-                progress(f"sweep {paths.artifact.name}", finished, total)
-        del pruned, model
-    write_json(folder / INDEX_FILE, index, overwrite=True)
-    return [manifests[paths.manifest] for _, _, paths, _ in plan_rows]
+        run_setting(plan, model, setting, rows, calibration, pack, folder, timer, progress, finished)
+        del model
+
+
+def run_setting(
+    plan: Plan,
+    model: Any,
+    setting: Setting,
+    rows: list[Row],
+    calibration: Any,
+    pack: ReferencePack,
+    folder: Path,
+    timer: StageTimer,
+    progress: ProgressFn,
+    finished: Any,
+) -> None:
+    """One pruning pass and every configuration that shares it: the unit of work of either executor."""
+    with prune_stage(plan, model, setting, calibration, folder, timer, progress, reuse_dense=True) as pruned:
+        for row in rows:
+            progress(f"sweep {row.paths.artifact.name}", 0, 1)
+            config_timer = StageTimer()
+            config_timer.seconds = dict(timer.seconds)
+            manifest = write_export(
+                pruned, plan, row.spec, row.paths, pack, config_timer, progress, row.recipe, overwrite=True,
+                save_pack=False,
+            )  # fmt: skip
+            finished(row, manifest)
+
+
+def _entry_files(paths: OutputPaths) -> dict[str, Path]:
+    files = {paths.artifact.name: paths.artifact, paths.manifest.name: paths.manifest}
+    data = paths.artifact.with_name(f"{paths.artifact.name}.data")  # ONNX's weights past 2 GB
+    if data.is_file():
+        files[data.name] = data
+    return files
+
+
+def _from_cache(cache: StageCache | None, row: Row, folder: Path, reference_sha: str) -> Manifest | None:
+    """A configuration from the stage cache, put into the sweep folder; None when the cache has none."""
+    if cache is None:
+        return None
+    files = cache.get("artifact", _artifact_key(row.recipe, reference_sha))
+    if files is None or set(files) - {*_entry_files(row.paths), f"{row.paths.artifact.name}.data"}:
+        return None
+    for name, path in files.items():
+        if name != row.paths.manifest.name:
+            restore(path, folder / name)
+    if row.paths.manifest.name in files:
+        restore(files[row.paths.manifest.name], row.paths.manifest)
+    return _is_done(folder, row.paths.manifest, reference_sha)
 
 
 def sweep_records(manifests: list[Manifest]) -> list[dict[str, Any]]:

@@ -18,8 +18,9 @@ fi
 # llama-cpp-python compiles llama.cpp; the multimodal part is not needed.
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
 # setuptools warns on every editable install that a folder named like the package may shadow it;
-# here that folder (srcr/) *is* the package, so the notice is noise.
-PYTHONWARNINGS="ignore::UserWarning" "${pip[@]}" install -q -e ".[dev,lm-eval]"
+# here that folder (srcr/) *is* the package, so the notice is noise. The extras: the tests, lm-eval on the
+# artifact, and Ray for `srcr sweep --executor ray` (its tests start a local cluster of their own).
+PYTHONWARNINGS="ignore::UserWarning" "${pip[@]}" install -q -e ".[dev,lm-eval,ray]"
 
 # llama.cpp's own HF->GGUF converter, from the installed llama-cpp-python's source distribution (same
 # llama.cpp version): the GGUF target converts every family but llama, mistral and qwen2 with it.

@@ -24,6 +24,12 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _own_stage_cache(tmp_path, monkeypatch):
+    """Each test its own stage cache: one test's finished configurations must not satisfy another's."""
+    monkeypatch.setenv("SRCR_STAGE_CACHE", str(tmp_path / "stage-cache"))
+
+
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     from srcr.exporter.models import ensure_default_checkpoint
