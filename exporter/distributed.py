@@ -52,6 +52,7 @@ def run_on_ray(
     groups: list[list[Row]],
     allow_pickle: bool,
     address: str | None,
+    cache: Path | None,
     finished: Callable[[Row, Manifest], None],
     progress: ProgressFn = no_progress,
 ) -> None:
@@ -64,10 +65,8 @@ def run_on_ray(
     pack = ray.put((folder / "reference.npz").read_bytes())
     task = ray.remote(setting_task).options(**task_resources(plan), max_retries=TASK_RETRIES, retry_exceptions=False)
     recipe = plan.recipe.model_dump_json()
-    pending = {
-        task.remote(recipe, str(folder), [row.paths.manifest.name for row in rows], pack, allow_pickle): rows
-        for rows in groups
-    }
+    cache_root = str(cache) if cache is not None else None  # a folder every worker sees, as the sweep's
+    pending = {task.remote(recipe, str(folder), _names(rows), pack, allow_pickle, cache_root): rows for rows in groups}
     total, done = sum(map(len, groups)), 0
     progress("sweep on ray: settings running", 0, len(pending))
     try:
@@ -99,6 +98,10 @@ def run_on_ray(
         raise SrcrError(f"the Ray tasks returned {done} of {total} configurations; rerun the same command to resume")
 
 
+def _names(rows: list[Row]) -> list[str]:
+    return [row.paths.manifest.name for row in rows]
+
+
 def _connect(ray: Any, address: str | None) -> None:
     if ray.is_initialized():
         return
@@ -111,15 +114,18 @@ def _connect(ray: Any, address: str | None) -> None:
 
 
 def setting_task(
-    recipe_json: str, folder: str, names: list[str], pack_bytes: bytes, allow_pickle: bool
+    recipe_json: str, folder: str, names: list[str], pack_bytes: bytes, allow_pickle: bool, cache_root: str | None
 ) -> list[tuple[str, str]]:
     """In a Ray worker: prune one setting and write its configurations `names` (manifest file names) that are
     not done yet; returns (name, manifest JSON) for each, done before (by a dead attempt) or now."""
     import torch
 
     from srcr.evaluators.reference import ReferencePack
-    from srcr.exporter.pipeline import StageTimer, calibration_stage, load_stage
+    from srcr.exporter.calibration import load_calibration
+    from srcr.exporter.models import load_tokenizer
+    from srcr.exporter.pipeline import StageTimer, load_stage
     from srcr.exporter.recipe import Recipe
+    from srcr.exporter.stage_cache import StageCache
     from srcr.exporter.sweep import _is_done, run_setting, sweep_plan, sweep_rows
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -141,13 +147,19 @@ def setting_task(
                 todo.append(row)
         if todo:
             timer = StageTimer()
-            model = load_stage(plan, timer, no_progress)
-            calibration = calibration_stage(plan, model)
+            tokens = load_tokenizer(plan.source)  # the model itself only if the pass is not cached
+            calibration = load_calibration(tokens, plan.calibration_text, plan.calib_samples, plan.seq_len, plan.seed)
+            cache = StageCache(Path(cache_root)) if cache_root is not None else None
 
             def finished(row: Row, manifest: Manifest) -> None:
                 results.append((row.paths.manifest.name, manifest.to_json()))
 
-            run_setting(plan, model, todo[0].setting, todo, calibration, pack, out, timer, no_progress, finished)
+            setting = todo[0].setting
+
+            def model() -> Any:
+                return load_stage(plan, timer, no_progress)
+
+            run_setting(plan, model, setting, todo, calibration, pack, out, timer, no_progress, finished, cache)
     return results
 
 

@@ -8,8 +8,10 @@ of the same command skips everything that is done and intact (sha256-checked).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,10 +295,11 @@ def _run(plan: Plan, folder: Path, progress: ProgressFn, run: RunOptions, allow_
         from srcr.exporter.distributed import run_on_ray
 
         del dense  # the workers load their own
-        run_on_ray(plan, folder, list(with_work.values()), allow_pickle, run.ray_address, finished, progress)
+        groups = list(with_work.values())
+        run_on_ray(plan, folder, groups, allow_pickle, run.ray_address, run.cache, finished, progress)
         remove_stale_partials(folder)  # what workers that died mid-task left
     else:
-        _run_here(plan, folder, with_work, dense, pack, progress, finished)
+        _run_here(plan, folder, with_work, dense, pack, progress, finished, cache)
     write_json(folder / INDEX_FILE, index, overwrite=True)
     return [manifests[row.paths.manifest] for row in rows]
 
@@ -309,6 +312,7 @@ def _run_here(
     pack: ReferencePack,
     progress: ProgressFn,
     finished: Any,
+    cache: StageCache | None,
 ) -> None:
     """The local executor: each pruning setting once, in this process, every quantization of it after it."""
     calibration = calibration_stage(plan, dense)
@@ -317,16 +321,20 @@ def _run_here(
     # Streamed, no setting holds a copy: each reads the layers from the source folder.
     for setting, rows in with_work.items():
         timer = StageTimer()
-        model = dense if dense is not None else load_stage(plan, timer, progress)
-        if model.weights is None and setting.changes_weights:
-            dense = None  # pruned in place below: what is left is no longer the dense model
-        run_setting(plan, model, setting, rows, calibration, pack, folder, timer, progress, finished)
-        del model
+
+        def model_to_prune(setting: Setting = setting, timer: StageTimer = timer) -> Any:
+            nonlocal dense
+            model = dense if dense is not None else load_stage(plan, timer, progress)
+            if model.weights is None and setting.changes_weights:
+                dense = None  # pruned in place: what is left is no longer the dense model
+            return model
+
+        run_setting(plan, model_to_prune, setting, rows, calibration, pack, folder, timer, progress, finished, cache)
 
 
 def run_setting(
     plan: Plan,
-    model: Any,
+    model_to_prune: Any,
     setting: Setting,
     rows: list[Row],
     calibration: Any,
@@ -335,9 +343,11 @@ def run_setting(
     timer: StageTimer,
     progress: ProgressFn,
     finished: Any,
+    cache: StageCache | None,
 ) -> None:
-    """One pruning pass and every configuration that shares it: the unit of work of either executor."""
-    with prune_stage(plan, model, setting, calibration, folder, timer, progress, reuse_dense=True) as pruned:
+    """One pruning pass (or its cache entry) and every configuration that shares it: the unit of work of
+    either executor. `model_to_prune()` gives the model the pass may consume, asked for only when needed."""
+    with pruned_setting(plan, model_to_prune, setting, calibration, folder, timer, progress, cache) as pruned:
         for row in rows:
             progress(f"sweep {row.paths.artifact.name}", 0, 1)
             config_timer = StageTimer()
@@ -347,6 +357,35 @@ def run_setting(
                 save_pack=False,
             )  # fmt: skip
             finished(row, manifest)
+
+
+@contextlib.contextmanager
+def pruned_setting(
+    plan: Plan,
+    model_to_prune: Any,
+    setting: Setting,
+    calibration: Any,
+    folder: Path,
+    timer: StageTimer,
+    progress: ProgressFn,
+    cache: StageCache | None,
+) -> Iterator[Any]:
+    """The setting's pruning pass, read from the stage cache when it holds it, else run and stored."""
+    from srcr.exporter.pruned_cache import KIND, cacheable, load_pruned, pruned_key, save_pruned
+
+    key = pruned_key(plan, setting, calibration) if cache is not None and cacheable(plan, setting) else None
+    files = cache.get(KIND, key) if key is not None else None
+    if files is not None:
+        with timer.stage("calibrate_prune"):
+            progress("calibrate+prune: from the stage cache", 1, 1)
+            dense = None if setting.changes_weights else model_to_prune()
+            pruned = load_pruned(plan, files, setting, calibration, dense)
+        yield pruned
+        return
+    with prune_stage(plan, model_to_prune(), setting, calibration, folder, timer, progress, reuse_dense=True) as pruned:
+        if key is not None:
+            save_pruned(cache, key, pruned, folder)
+        yield pruned
 
 
 def _entry_files(paths: OutputPaths) -> dict[str, Path]:

@@ -153,7 +153,9 @@ def test_the_stage_cache_refills_a_new_sweep_folder_without_work(tmp_path, tiny_
     assert artifacts(tmp_path / "b") == artifacts(tmp_path / "a") == artifacts(local_sweep)
     assert sha256(tmp_path / "b" / "reference.npz") == sha256(tmp_path / "a" / "reference.npz")
 
-    # A damaged entry is not reused: that configuration runs again, the rest still come from the cache.
+    # A damaged entry is not reused: that configuration is exported again, from the cached pruning pass (its
+    # pruned weights, importance matrix and report), into the very bytes of a sweep that pruned it; the rest
+    # still come from the cache.
     monkeypatch.undo()
     entry = next(path for path in (cache / "artifact").iterdir() if any(path.glob("*wanda-s50-q8-0.gguf")))
     damaged = next(entry.glob("*.gguf"))
@@ -166,7 +168,8 @@ def test_the_stage_cache_refills_a_new_sweep_folder_without_work(tmp_path, tiny_
         app, [*SWEEP, "--model", str(tiny_llama_dir), "--out", str(tmp_path / "c"), "--cache-dir", str(cache)]
     )
     assert third.exit_code == 0, third.output
-    assert len(prunings) == 1 and artifacts(tmp_path / "c") == artifacts(local_sweep)
+    assert prunings == [] and artifacts(tmp_path / "c") == artifacts(local_sweep)
+    assert len(list((cache / "pruned").iterdir())) == 2  # the statistics pass and the 50% pass
 
 
 def test_no_cache_leaves_the_cache_alone(tmp_path, tiny_llama_dir):
