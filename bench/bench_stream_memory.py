@@ -1,16 +1,21 @@
-"""Peak host memory of a whole streamed export (calibrate + prune + convert + quantize + evaluate) against depth.
+"""Peak host memory of a whole export (calibrate + prune + convert + quantize), in memory and streamed, against depth.
 
 Random bfloat16 Llamas with Llama-3.2-1B's widths (hidden 2048, intermediate 8192, 32 heads, 8 KV heads)
 and SmolLM2's tokenizer (vocabulary 49152, tied embeddings), saved shard by shard as safetensors without
-ever holding the model: 3 layers (0.28B parameters) and 18 layers (1.19B, 2.4 GB on disk). Each runs
-`srcr export --stream on` in a child; a thread samples the RSS of that child and of its children (the
-quantizer runs in one) every 50 ms, summed, both in total and anonymous (RssAnon: memory that is not a
-file's pages; llama.cpp maps the GGUF it runs, and those pages count in RSS but are the page cache's to
-drop). The baseline is a process that has imported what the export imports. `--runs` lists
-layers:stream:format triples; the default adds the smallest model in memory (`--stream off`) for
-contrast, and `3:off:onnx` measures the ONNX exporter, which traces the whole model.
+ever holding the model: 3 layers (0.28B parameters) and 18 layers (1.19B, 2.4 GB on disk). Each run is
+`srcr export --sparsity 0.5 --quant-type Q4_0 --no-eval` (SparseGPT 50%, 8 x 256 calibration tokens) in a
+child; a thread samples the RSS of that child and of its children (the quantizer runs in one) every 50 ms,
+summed, both in total and anonymous (RssAnon: memory that is not a file's pages; llama.cpp maps the GGUF
+it quantizes or runs, and those pages count in RSS but are the page cache's to drop). The baseline is a
+process that has imported what the export imports. `--runs` lists layers:stream:format triples; the
+default runs both paths (`--stream off`, in memory; `--stream on`) on 3 layers, the 18-layer model in
+memory, and the 18-layer model with `--stream auto`, what the default does with it (the table's
+`streamed` column says which path auto took). `--eval` adds a small evaluation (2 windows, 10 last-word
+items, 3 prompts; in memory its torch reference borrows the model in float32); `3:off:onnx` measures the
+ONNX exporter, which traces the whole model.
 
-    .venv/bin/python bench/bench_stream_memory.py [--runs 3:on:gguf,18:on:gguf,3:off:gguf] [--json out.json]
+    .venv/bin/python bench/bench_stream_memory.py [--runs 3:off:gguf,3:on:gguf,18:off:gguf,18:auto:gguf]
+        [--eval] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ WIDTHS = {
     "tie_word_embeddings": True,
     "rope_theta": 500000.0,
 }
-EXPORT = [
-    "--sparsity", "0.5", "--bits", "4", "--calib-samples", "8", "--seq-len", "256",
+EXPORT = ["--sparsity", "0.5", "--quant-type", "Q4_0", "--calib-samples", "8", "--seq-len", "256"]
+EVALUATION = [
     "--eval-windows", "2", "--last-word-items", "10", "--new-tokens", "8", "--no-builtin-prompts",
     "--prompts", str(ROOT / "tests" / "data" / "prompts_small.jsonl"),
 ]  # fmt: skip
+RUNS = "3:off:gguf,3:on:gguf,18:off:gguf,18:auto:gguf"
 BASELINE = (
     "import psutil, torch, transformers, llama_cpp, gguf, sentence_transformers; "
     "import srcr.exporter.pipeline, srcr.targets.gguf.target, srcr.evaluators.reference; "
@@ -78,9 +84,9 @@ def _anon(process: psutil.Process) -> int:
     return 0
 
 
-def run_export(model: Path, out: Path, stream: str, fmt: str) -> dict:
+def run_export(model: Path, out: Path, stream: str, fmt: str, evaluate: bool) -> dict:
     command = [str(ROOT / ".venv" / "bin" / "srcr"), "export", "--model", str(model), "--out", str(out)]
-    command += [*EXPORT, "--stream", stream, "--format", fmt, "--json"]
+    command += [*EXPORT, *(EVALUATION if evaluate else ["--no-eval"]), "--stream", stream, "--format", fmt, "--json"]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = {"rss": 0, "anon": 0}
@@ -110,16 +116,33 @@ def run_export(model: Path, out: Path, stream: str, fmt: str) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
         "peak_rss": peak["rss"],
         "peak_anon": peak["anon"],
+        "streamed": manifest["pruning"]["streamed"],
         "timings_s": manifest["timings_s"],
         "artifact_bytes": manifest["artifact"]["bytes"],
-        "sr": manifest["sr"],
-        "reference": manifest["device"]["reference"],
+        "artifact_sha256": manifest["artifact"]["sha256"],
+        "sr": manifest.get("sr"),
+        "reference": manifest["device"].get("reference"),
     }
+
+
+def print_table(rows: list[dict], baseline: int, baseline_anon: int) -> None:
+    print(f"\nbaseline: {baseline / GIB:.2f} GiB RSS, {baseline_anon / GIB:.2f} GiB anonymous")
+    columns = ["model", "parameters", "checkpoint", "mode", "streamed", "peak RSS above baseline"]
+    print("| " + " | ".join([*columns, "peak anonymous above baseline", "wall"]) + " |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        mode = f"`--stream {row['stream']}`" + (f" ({row['format']})" if row["format"] != "gguf" else "")
+        print(
+            f"| {row['layers']} layers | {row['parameters_b']:.2f}B | {row['checkpoint_gib']:.2f} GiB | {mode} | "
+            f"{'yes' if row['streamed'] else 'no'} | {row['peak_rss_above_baseline_gib']:.2f} GiB | "
+            f"**{row['peak_anon_above_baseline_gib']:.2f} GiB** | {row['seconds']:.0f} s |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="3:on:gguf,18:on:gguf,3:off:gguf", help="layers:stream:format, ...")
+    parser.add_argument("--runs", default=RUNS, help="layers:stream:format, ...")
+    parser.add_argument("--eval", action="store_true", help="evaluate each artifact (small settings)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     printed = subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=True).stdout
@@ -134,7 +157,7 @@ def main() -> None:
             if layers not in parameters:
                 parameters[layers] = build_model(model, layers)
             on_disk = sum(file.stat().st_size for file in model.glob("*.safetensors"))
-            result = run_export(model, Path(scratch) / f"out-{layers}-{stream}-{fmt}", stream, fmt)
+            result = run_export(model, Path(scratch) / f"out-{layers}-{stream}-{fmt}", stream, fmt, args.eval)
             row = {
                 "layers": layers,
                 "stream": stream,
@@ -149,6 +172,7 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+    print_table(rows, baseline, baseline_anon)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

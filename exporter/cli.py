@@ -48,8 +48,9 @@ QUANTIZER_HELP = (
     "with zero points or --symmetric)."
 )
 STREAM_HELP = (
-    "Read the decoder layers from the checkpoint one at a time (auto: when the model takes over half the free "
-    "memory; on; off). Streamed, host memory holds one layer, the embedding and the activations (GGUF only)."
+    "Read the decoder layers from the checkpoint one at a time (auto: unless the whole model and one layer's "
+    "pruning work fit in 1 GiB and half the free memory; on; off). Streamed, host memory holds one layer, the "
+    "embedding and the activations (GGUF only)."
 )
 REFERENCE_HELP = (
     "Where the dense reference is computed: torch (the model in memory), artifact (its unrounded GGUF in "
@@ -790,7 +791,8 @@ def sweep(
         bool,
         typer.Option(
             "--cache/--no-cache",
-            help="Reuse finished stages (reference pack, configurations) from the stage cache and add to it.",
+            help="Reuse finished stages (reference pack, pruning passes, configurations) from the stage cache "
+            "and add to it.",
             rich_help_panel=P_RUN,
         ),
     ] = True,

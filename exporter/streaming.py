@@ -134,9 +134,45 @@ def finish_folder(source: ModelSource, weights: SafetensorsFolder, writer: Folde
     return SafetensorsFolder(writer.folder)
 
 
+# What `--stream auto` lets the in-memory path take above the process's baseline: about what streaming a
+# 1B-class model takes anyway (one layer in float32, SparseGPT's largest Hessian and its inverse, the
+# embedding; docs/performance.md, "Streaming memory"), so holding the model whole never costs much more.
+IN_MEMORY_HEADROOM = 1 << 30
+
+
+def in_memory_peak(source: ModelSource) -> int:
+    """Bytes the in-memory path holds above the baseline, estimated before any weight is read: the weights in
+    their own dtype (the checkpoint's size) and the working set of its largest decoder layer, which is
+    pruned in float32 (a float32 copy of the layer, and a Hessian and its inverse of its widest input)."""
+    weights = sum(file.stat().st_size for file in source.weight_files)
+    return weights + _layer_work(source)
+
+
+def _layer_work(source: ModelSource) -> int:
+    from srcr.exporter.models import skeleton
+
+    try:
+        layers = decoder_layers(skeleton(source.config))
+    except Exception:  # a layout the pruning driver does not know: the plan refuses it with its own reason
+        return 0
+    work = 0
+    for layer in layers:
+        copy = 4 * sum(parameter.numel() for parameter in layer.parameters())
+        widest = max((module.in_features for module in layer.modules() if isinstance(module, nn.Linear)), default=0)
+        work = max(work, copy + 2 * 4 * widest * widest)
+    return work
+
+
 def stream_fits(source: ModelSource) -> bool:
-    """Whether `--stream auto` keeps the model in memory: its weights take under half the free memory."""
+    """Whether `--stream auto` keeps the model in memory: its estimated in-memory peak (`in_memory_peak`)
+    fits both a fixed headroom (`IN_MEMORY_HEADROOM`, 1 GiB) and half the available memory.
+
+    Streaming holds the embedding and one layer whatever the depth, and writes the same file; the in-memory
+    path holds every weight besides. So a model is kept whole only when that costs no more than streaming a
+    1B-class model costs anyway: the embedded SmolLM2-135M (float32, 0.54 GB) stays in memory, a 1.2B
+    bfloat16 Llama (2.4 GB, about 3 GiB in memory) streams on any machine, and on a small machine half its
+    available memory is the limit. The caller streams only where the target and settings allow it."""
     import psutil
 
-    on_disk = sum(file.stat().st_size for file in source.weight_files)
-    return on_disk < psutil.virtual_memory().available / 2
+    peak = in_memory_peak(source)
+    return peak <= min(IN_MEMORY_HEADROOM, psutil.virtual_memory().available / 2)
