@@ -144,7 +144,7 @@ class ReferencePack:
             raise SrcrError(
                 f"{path} is not a readable srcr reference pack (damaged arrays); rebuild it with srcr export"
             ) from None
-        except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError):
             raise SrcrError(
                 f"{path} is not a readable srcr reference pack (damaged file); rebuild it with srcr export"
             ) from None
@@ -174,7 +174,8 @@ def _check_members(path: Path) -> None:
             for member in members:
                 with archive.open(member) as stream:
                     _check_npy_header(path, member, stream)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error):
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, NotImplementedError):
+        # NotImplementedError: a damaged directory entry that claims a zip version newer than Python reads.
         raise SrcrError(f"{path} is not a readable srcr reference pack (damaged file); rebuild it") from None
 
 

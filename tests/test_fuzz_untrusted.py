@@ -679,6 +679,11 @@ def test_absurd_sizes_are_refused_in_bounded_memory(export_dir, base_arrays, tmp
         data = bytearray(original)
         data[entry + 10 : entry + 12] = struct.pack("<H", method)
         cases[f"method {method}"] = bytes(data)
+    # A "version needed to extract" newer than Python's zipfile reads (it raises NotImplementedError).
+    for version in (64, 109, 0xFFFF):
+        data = bytearray(original)
+        data[entry + 6 : entry + 8] = struct.pack("<H", version)
+        cases[f"extract version {version}"] = bytes(data)
     for flag in (1, 0x40, 0x2000, 0xFFFF):
         data = bytearray(original)
         data[entry + 8 : entry + 10] = struct.pack("<H", flag)
