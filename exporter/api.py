@@ -84,11 +84,13 @@ def sweep(
     executor: str = "local",
     ray_address: str | None = None,
     cache: str | Path | None | bool = True,
+    task_cpus: int | None = None,
 ) -> SweepResult:
     """Every combination of the recipe's sweep axes (the default axes when it has none), resumable in `out`;
     ranks them, marks the Pareto fronts and writes report.html. `executor="ray"` runs each pruning setting
     as a Ray task (`ray_address`: None starts a cluster of this machine, "auto" or "HOST:PORT" joins one);
-    `cache`: True for the default stage cache, a folder for another, False or None for none."""
+    `cache`: True for the default stage cache, a folder for another, False or None for none; `task_cpus`:
+    each Ray task's CPUs and torch threads (None: this machine's torch threads, the local run's bytes)."""
     from srcr.exporter.stage_cache import default_cache_root
     from srcr.exporter.sweep import RunOptions, run_sweep, summarize, write_report
 
@@ -96,7 +98,9 @@ def sweep(
     if job.sweep is None:
         job = job.merged({"sweep": SweepStage().model_dump()})
     cache_root = default_cache_root() if cache is True else Path(cache) if cache else None
-    run = RunOptions(executor=executor, ray_address=ray_address, cache=cache_root)
+    if task_cpus is not None and task_cpus < 1:
+        raise SrcrError(f"task_cpus={task_cpus}: a Ray task needs at least 1 CPU")
+    run = RunOptions(executor=executor, ray_address=ray_address, cache=cache_root, task_cpus=task_cpus)
     manifests = run_sweep(job, Path(out), allow_pickle=allow_pickle, progress=progress, run=run)
     axes = job.sweep
     summary = summarize(manifests, axes.budget_mb, axes.min_retention)

@@ -803,6 +803,15 @@ def sweep(
             rich_help_panel=P_RUN,
         ),
     ] = None,
+    task_cpus: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPUs (and torch threads) of each Ray task; default: as many as torch uses here, so every file "
+            "is the one a local run writes. Fewer run more tasks per node, with that many threads' sums.",
+            rich_help_panel=P_RUN,
+        ),
+    ] = None,
 ) -> None:
     """Try every pruning × quantization combination; rank by SrCr, mark the Pareto front, write report.html.
 
@@ -837,6 +846,7 @@ def sweep(
                 executor=executor,
                 ray_address=ray_address,
                 cache=(cache_dir or True) if cache else False,
+                task_cpus=task_cpus,
             )
     summary, report = result.summary, result.report
     if as_json:

@@ -11,7 +11,6 @@ is lost or written twice. Ctrl-C cancels the tasks still running; finished confi
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,10 +38,12 @@ def require_ray() -> Any:
 
 def task_resources(plan: Plan, cpus: int = 1) -> dict[str, Any]:
     """What one task declares to Ray's scheduler: CPUs, a GPU when pruning runs on CUDA, and memory from the
-    model's size: its weights once in their dtype (in memory; a streamed task holds one layer) plus 2 GiB
-    for a float32 layer, SparseGPT's Hessians, the activations, the reference pack and the runtime."""
-    weights = sum(file.stat().st_size for file in plan.source.weight_files)
-    held = 0 if plan.stream else weights
+    model's size, estimated as `--stream auto` estimates it: the weights once in their dtype (not when
+    streamed) and the largest layer's float32 copy with the Hessian and inverse of its widest input, plus
+    2 GiB for the activations, the reference pack and the runtime."""
+    from srcr.exporter.streaming import in_memory_peak, layer_work
+
+    held = layer_work(plan.source) if plan.stream else in_memory_peak(plan.source)
     return {"num_cpus": cpus, "num_gpus": 1 if plan.device == "cuda" else 0, "memory": held + 2 * GIB}
 
 
@@ -55,18 +56,26 @@ def run_on_ray(
     cache: Path | None,
     finished: Callable[[Row, Manifest], None],
     progress: ProgressFn = no_progress,
+    task_cpus: int | None = None,
 ) -> None:
     """Run each group (the configurations of one pruning setting) as a task; `finished` is called in the
     driver for every configuration as its task returns."""
+    import torch
+
     from srcr.exporter.manifest import parse_manifest
 
+    cpus = task_cpus or torch.get_num_threads()
     ray = require_ray()
     _connect(ray, address)
     pack = ray.put((folder / "reference.npz").read_bytes())
-    task = ray.remote(setting_task).options(**task_resources(plan), max_retries=TASK_RETRIES, retry_exceptions=False)
+    resources = task_resources(plan, cpus)
+    _check_feasible(ray, resources)
+    task = ray.remote(setting_task).options(**resources, max_retries=TASK_RETRIES, retry_exceptions=False)
     recipe = plan.recipe.model_dump_json()
     cache_root = str(cache) if cache is not None else None  # a folder every worker sees, as the sweep's
-    pending = {task.remote(recipe, str(folder), _names(rows), pack, allow_pickle, cache_root): rows for rows in groups}
+    pending = {
+        task.remote(recipe, str(folder), _names(rows), pack, allow_pickle, cache_root, cpus): rows for rows in groups
+    }
     total, done = sum(map(len, groups)), 0
     progress("sweep on ray: settings running", 0, len(pending))
     try:
@@ -98,6 +107,31 @@ def run_on_ray(
         raise SrcrError(f"the Ray tasks returned {done} of {total} configurations; rerun the same command to resume")
 
 
+# (a task's option, the node resource Ray calls it, its unit, what it is, the fix)
+_NEEDS = (
+    ("num_cpus", "CPU", 1, "CPUs", "--task-cpus {largest} or fewer"),
+    ("num_gpus", "GPU", 1, "GPUs", "--device cpu, or a cluster with a GPU node"),
+    ("memory", "memory", GIB, "GiB of memory", "--stream on, or nodes with more memory"),
+)
+
+
+def _check_feasible(ray: Any, resources: dict[str, Any]) -> None:
+    """Refuse a task no node of the cluster can hold: Ray would wait for such a node for ever."""
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    if any(all(resources.get(option, 0) <= float(node.get(name, 0)) for option, name, *_ in _NEEDS) for node in nodes):
+        return
+    for option, name, unit, what, fix in _NEEDS:
+        wanted = resources.get(option, 0)
+        largest = max((float(node.get(name, 0)) for node in nodes), default=0.0)
+        if wanted > largest:
+            raise SrcrError(
+                f"each Ray task asks for {wanted / unit:.3g} {what} and the cluster's largest node has "
+                f"{largest / unit:.3g}; use " + fix.format(largest=int(largest / unit))
+            )
+    asked = ", ".join(f"{resources.get(option, 0) / unit:.3g} {what}" for option, _, unit, what, _ in _NEEDS)
+    raise SrcrError(f"no node of the Ray cluster has {asked} at once; use --task-cpus or --stream on")
+
+
 def _names(rows: list[Row]) -> list[str]:
     return [row.paths.manifest.name for row in rows]
 
@@ -114,7 +148,13 @@ def _connect(ray: Any, address: str | None) -> None:
 
 
 def setting_task(
-    recipe_json: str, folder: str, names: list[str], pack_bytes: bytes, allow_pickle: bool, cache_root: str | None
+    recipe_json: str,
+    folder: str,
+    names: list[str],
+    pack_bytes: bytes,
+    allow_pickle: bool,
+    cache_root: str | None,
+    threads: int,
 ) -> list[tuple[str, str]]:
     """In a Ray worker: prune one setting and write its configurations `names` (manifest file names) that are
     not done yet; returns (name, manifest JSON) for each, done before (by a dead attempt) or now."""
@@ -128,7 +168,7 @@ def setting_task(
     from srcr.exporter.stage_cache import StageCache
     from srcr.exporter.sweep import _is_done, run_setting, sweep_plan, sweep_rows
 
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(max(1, threads))  # the driver's count unless --task-cpus: the same sums as locally
     out = Path(folder)
     plan = sweep_plan(Recipe.model_validate_json(recipe_json), out, allow_pickle)
     rows = [row for row in sweep_rows(plan, out) if row.paths.manifest.name in names]

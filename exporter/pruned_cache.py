@@ -35,6 +35,8 @@ def cacheable(plan: Any, setting: Any) -> bool:
 
 
 def pruned_key(plan: Any, setting: Any, calibration: CalibrationSet) -> str:
+    import torch
+
     tokens = calibration.input_ids.contiguous().numpy()
     return stage_key(
         KIND,
@@ -43,6 +45,7 @@ def pruned_key(plan: Any, setting: Any, calibration: CalibrationSet) -> str:
             "calibration": hashlib.sha256(tokens.tobytes()).hexdigest() + f":{list(tokens.shape)}",
             "prune": dataclasses.asdict(setting.prune),
             "device": plan.device,
+            "torch_threads": torch.get_num_threads(),  # the order of SparseGPT's sums (docs/sweep.md)
         },
     )
 

@@ -145,10 +145,11 @@ def in_memory_peak(source: ModelSource) -> int:
     their own dtype (the checkpoint's size) and the working set of its largest decoder layer, which is
     pruned in float32 (a float32 copy of the layer, and a Hessian and its inverse of its widest input)."""
     weights = sum(file.stat().st_size for file in source.weight_files)
-    return weights + _layer_work(source)
+    return weights + layer_work(source)
 
 
-def _layer_work(source: ModelSource) -> int:
+def layer_work(source: ModelSource) -> int:
+    """Bytes of the largest decoder layer's float32 copy and the Hessian and inverse of its widest input."""
     from srcr.exporter.models import skeleton
 
     try:

@@ -179,7 +179,14 @@ def _artifact_key(recipe: Recipe, reference_sha: str) -> str:
     data["calibration"].pop("text")
     for key in ("text", "prompts", "tasks", "lm_eval_include"):
         data["evaluate"].pop(key)
-    return stage_key("artifact", {"recipe": data, "reference_pack": reference_sha})
+    # torch's thread count orders SparseGPT's sums: a pass on 1 thread is not the pass on 2 (docs/sweep.md).
+    return stage_key("artifact", {"recipe": data, "reference_pack": reference_sha, "torch_threads": _threads()})
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _paths(folder: Path, name: str, suffix: str) -> OutputPaths:
@@ -196,11 +203,15 @@ EXECUTORS = ("local", "ray")
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How a sweep runs, not what it computes: none of these changes a file it writes."""
+    """How a sweep runs, not what it computes: by default none of these changes a file it writes."""
 
     executor: str = "local"  # local: one configuration after another in this process; ray: tasks on a cluster
     ray_address: str | None = None  # None: a Ray cluster of this machine's cores, started for the sweep
     cache: Path | None = field(default_factory=default_cache_root)  # None: --no-cache
+    # A Ray task's CPUs and torch threads. None: as many as torch uses here, so a task sums SparseGPT's
+    # products in the order a local run does and writes the same bytes. Fewer pack more tasks on a node,
+    # and their files are those of a run with that many threads (the one option that changes them).
+    task_cpus: int | None = None
 
 
 def sweep_plan(recipe: Recipe, out: Path, allow_pickle: bool) -> Plan:
@@ -296,7 +307,7 @@ def _run(plan: Plan, folder: Path, progress: ProgressFn, run: RunOptions, allow_
 
         del dense  # the workers load their own
         groups = list(with_work.values())
-        run_on_ray(plan, folder, groups, allow_pickle, run.ray_address, run.cache, finished, progress)
+        run_on_ray(plan, folder, groups, allow_pickle, run.ray_address, run.cache, finished, progress, run.task_cpus)
         remove_stale_partials(folder)  # what workers that died mid-task left
     else:
         _run_here(plan, folder, with_work, dense, pack, progress, finished, cache)

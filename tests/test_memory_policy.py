@@ -149,3 +149,18 @@ def test_conversion_holds_one_tensor_not_a_second_copy_of_the_model(smollm_token
         tracemalloc.stop()
     growth = measured["peak"] - measured["before"]
     assert largest / 2 < growth < 2 * largest, f"{growth / 1e6:.1f} MB for a largest tensor of {largest / 1e6:.1f} MB"
+
+
+def test_a_ray_task_declares_the_memory_the_policy_estimates(tmp_path):
+    """An 8B-wide layer's float32 copy and its down_proj Hessians come on top of the weights held (none when
+    streamed), plus 2 GiB; a CUDA sweep's task asks for a GPU."""
+    from srcr.exporter.distributed import task_resources
+
+    config = {**LLAMA_1B_WIDTHS, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 2}
+    source = _source(tmp_path, 10**9, **config)
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
+    work = 4 * layer + 2 * 4 * 14336**2
+    in_memory = task_resources(SimpleNamespace(source=source, stream=False, device="cpu"))
+    streamed = task_resources(SimpleNamespace(source=source, stream=True, device="cuda"))
+    assert in_memory == {"num_cpus": 1, "num_gpus": 0, "memory": 10**9 + work + 2 * GIB}
+    assert streamed == {"num_cpus": 1, "num_gpus": 1, "memory": work + 2 * GIB}

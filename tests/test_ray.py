@@ -42,7 +42,7 @@ def artifacts(folder: Path) -> dict[str, str]:
 
 def assert_same_items(local: Path, other: Path) -> None:
     """Every configuration's per-item scores equal the local executor's (the embedder's cosines to float32
-    rounding: a worker runs torch on one thread, the local sweep on two)."""
+    rounding)."""
     names = sorted(path.name for path in local.glob("*.manifest.json"))
     assert names == sorted(path.name for path in other.glob("*.manifest.json")) and len(names) == 4
     for name in names:
@@ -90,7 +90,8 @@ def wait_for_worker_file(folder: Path, driver: subprocess.Popen, timeout: float 
 
 def test_a_ray_sweep_survives_a_killed_worker_and_matches_the_local_sweep(tmp_path, tiny_llama_dir, local_sweep):
     out = tmp_path / "sweep"
-    driver = start_sweep("--model", tiny_llama_dir, "--out", out, "--executor", "ray", "--no-cache")
+    # One CPU a task, as the in-process local sweep's one torch thread: both settings run at once.
+    driver = start_sweep("--model", tiny_llama_dir, "--out", out, "--executor", "ray", "--task-cpus", "1", "--no-cache")
     worker = wait_for_worker_file(out, driver)
     os.kill(worker, signal.SIGKILL)  # in the middle of its task: Ray retries the task on another worker
     output, _ = driver.communicate(timeout=600)
@@ -191,3 +192,24 @@ def test_without_ray_the_executor_names_the_extra(tmp_path, tiny_llama_dir, monk
     assert not (tmp_path / "s").exists()
     bad = CliRunner().invoke(app, [*SWEEP, "--out", str(tmp_path / "s"), "--executor", "dask"])
     assert bad.exit_code == 2 and "local or ray" in bad.output
+
+
+def _cluster(*nodes: dict) -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(nodes=lambda: [{"Alive": True, "Resources": node} for node in nodes])
+
+
+def test_a_task_no_node_can_hold_is_refused_instead_of_waiting_for_ever():
+    from srcr.base.errors import SrcrError
+    from srcr.exporter.distributed import GIB, _check_feasible
+
+    small, gpu = {"CPU": 2.0, "memory": 8.0 * GIB}, {"CPU": 16.0, "GPU": 1.0, "memory": 64.0 * GIB}
+    _check_feasible(_cluster(small, gpu), {"num_cpus": 8, "num_gpus": 1, "memory": 20 * GIB})  # the GPU node
+    with pytest.raises(SrcrError, match=r"asks for 32 CPUs .* largest node has 16; use --task-cpus 16 or fewer"):
+        _check_feasible(_cluster(small, gpu), {"num_cpus": 32, "num_gpus": 0, "memory": GIB})
+    with pytest.raises(SrcrError, match=r"1 GPUs .* has 0; use --device cpu"):
+        _check_feasible(_cluster(small), {"num_cpus": 1, "num_gpus": 1, "memory": GIB})
+    with pytest.raises(SrcrError, match=r"no node of the Ray cluster has 8 CPUs, 0 GPUs, 32 GiB of memory at once"):
+        _check_feasible(_cluster({"CPU": 8.0, "memory": 8.0 * GIB}, {"CPU": 2.0, "memory": 64.0 * GIB}),
+                        {"num_cpus": 8, "num_gpus": 0, "memory": 32 * GIB})  # fmt: skip
