@@ -289,6 +289,7 @@ def make_plan(
     settings = [_fit_structure(setting, target, specs) for setting in settings]
     for spec in specs:
         target.check_model(source.config, spec)
+    target.check_files(source.folder, source.config)
     model_skeleton = skeleton(source.config)
     layers = decoder_layers(model_skeleton)  # calibration walks them, whatever is pruned
     for setting in {setting_for(setting, spec) for setting in settings for spec in specs}:

@@ -84,6 +84,11 @@ class Target(Protocol):
         alone: called before the weights are loaded, so an unsupported model costs seconds, not minutes."""
         ...
 
+    def check_files(self, folder: Path, config: PretrainedConfig) -> None:
+        """Limits of the format that depend on the model folder's side files (its tokenizer): called, like
+        `check_model`, before any weight is loaded or calibration runs."""
+        ...
+
     def export(
         self,
         model: PreTrainedModel,

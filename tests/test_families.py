@@ -71,18 +71,10 @@ def make_family_folder(folder: Path, family: str, tokenizer) -> Path:
     torch.manual_seed(0)
     model = sharpened(AutoModelForCausalLM.from_config(config))
     model.save_pretrained(folder)
+    # Saved as transformers saves it: for Phi-3 a BPE tokenizer.json and no tokenizer.model, its class not
+    # named GPT-2's (llama.cpp's Phi-3 converter reads SentencePiece unless told; srcr tells it).
     tokenizer.save_pretrained(folder)
-    if family == "phi3":
-        as_gpt2_tokenizer(folder)
     return folder
-
-
-def as_gpt2_tokenizer(folder: Path) -> None:
-    """Name the tokenizer class Phi-4-mini ships (llama.cpp's Phi-3 converter reads it; Phi-3's own is
-    SentencePiece)."""
-    settings = json.loads((folder / "tokenizer_config.json").read_text())
-    settings["tokenizer_class"] = "GPT2Tokenizer"
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -245,13 +237,64 @@ def test_longrope_onnx_is_exact_up_to_its_original_length_and_refuses_beyond(smo
         runtime.close()
 
 
+def test_a_phi3_bpe_tokenizer_is_converted_as_gpt2_and_tokenizes_like_transformers(tmp_path, smollm_tokenizer):
+    """A Phi-3-architecture model with a BPE tokenizer (as Phi-4 ships; llama.cpp's converter asked for
+    tokenizer.model): the preflight passes, and llama.cpp tokenizes the converted vocabulary as transformers."""
+    from llama_cpp import llama_cpp as capi
+    from transformers import AutoConfig
+
+    folder = make_family_folder(tmp_path / "phi-4-mini-tiny", "phi3", smollm_tokenizer)
+    saved_settings = (folder / "tokenizer_config.json").read_text()
+    assert json.loads(saved_settings)["tokenizer_class"] != "GPT2Tokenizer"
+    assert not (folder / "tokenizer.model").exists()
+    get_target("gguf").check_files(folder, AutoConfig.from_pretrained(folder))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (copy / name).write_bytes((folder / name).read_bytes())
+    vocab = tmp_path / "vocab.gguf"
+    upstream.run_converter(upstream.locate_converter(), copy, vocab, "f32", folder.name, vocab_only=True)
+    assert (folder / "tokenizer_config.json").read_text() == saved_settings  # the user's folder is untouched
+
+    params = capi.llama_model_default_params()
+    params.vocab_only = True
+    model = capi.llama_model_load_from_file(str(vocab).encode(), params)
+    assert model
+    try:
+        data = lee_text()[:2000].encode()
+        buffer = (capi.llama_token * (len(data) + 8))()
+        vocabulary = capi.llama_model_get_vocab(model)
+        count = capi.llama_tokenize(vocabulary, data, len(data), buffer, len(buffer), False, False)
+        assert list(buffer[:count]) == smollm_tokenizer(data.decode())["input_ids"]
+    finally:
+        capi.llama_model_free(model)
+
+
+def test_a_tokenizer_the_converter_cannot_read_is_refused_before_calibration(tmp_path, smollm_tokenizer, monkeypatch):
+    from typer.testing import CliRunner
+
+    from srcr.exporter import pipeline
+    from srcr.exporter.cli import app
+
+    folder = make_family_folder(tmp_path / "phi-4-mini-tiny", "phi3", smollm_tokenizer)
+    (folder / "tokenizer.json").unlink()  # neither a BPE vocabulary nor a SentencePiece model is left
+    monkeypatch.setattr(pipeline, "load_weights", lambda *args: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(pipeline, "load_calibration", lambda *args: pytest.fail("calibration ran"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export", "--model", str(folder), "--format", "gguf", "--out", str(out)])
+    assert result.exit_code != 0
+    message = " ".join(result.output.split())
+    assert "cannot convert the tokenizer" in message and "tokenizer.model" in message, message
+    assert "nothing was calibrated" in message and "Traceback" not in message
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_longrope_gguf_matches_transformers_below_its_original_length(smollm_tokenizer, tmp_path):
     # llama.cpp takes the long factors when its context exceeds the original length; srcr's is 2048.
     model = longrope_phi(smollm_tokenizer, original=2048)
     folder = tmp_path / "phi-4-mini-longrope"
     folder.mkdir()
     smollm_tokenizer.save_pretrained(folder)
-    as_gpt2_tokenizer(folder)
     target, result = export("gguf", model, smollm_tokenizer, folder, tmp_path / "phi.gguf", 16)
     ids = token_ids(smollm_tokenizer)
     runtime = target.open_runtime(result.artifact, "cpu")
@@ -418,3 +461,45 @@ def test_install_unpacks_only_the_converter_and_nothing_outside(tmp_path):
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "share" / "escaped.txt").exists()
     with pytest.raises(SrcrError, match="no vendor/llama.cpp"):
         upstream.install(_sdist(tmp_path / "other.tar.gz", {"other/setup.py": b""}), tmp_path / "other")
+
+
+def _gemma3(tokenizer, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, settings = FAMILIES["gemma3"]
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **{**COMMON, **ids, **settings, **extra})
+    config.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(0)
+    return sharpened(AutoModelForCausalLM.from_config(config)).eval()
+
+
+def test_a_file_llama_cpp_does_not_run_as_the_model_is_refused_before_quantizing(tmp_path, smollm_tokenizer):
+    """Gemma 3 with full and sliding layers alternating, where llama.cpp assumes five sliding then one full:
+    the converter writes it without complaint, and the unrounded file's check refuses it."""
+    model = _gemma3(smollm_tokenizer, layer_types=["full_attention", "sliding_attention"] * 3)
+    folder = tmp_path / "gemma-3-alternating"
+    smollm_tokenizer.save_pretrained(folder)
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    with pytest.raises(SrcrError, match=r"does not reproduce the converted gemma3_text model \(mean KL 0\.\d+"):
+        export("gguf", model, smollm_tokenizer, folder, out, None, "Q8_0")
+    assert list(out.parent.iterdir()) == []  # neither the artifact nor the unrounded intermediate is left
+
+
+def test_the_unrounded_file_is_checked_and_the_measure_recorded(tmp_path, smollm_tokenizer, monkeypatch):
+    from srcr.targets.gguf.fidelity import SKIP_CHECK_VARIABLE
+
+    model = _gemma3(smollm_tokenizer)  # the layout llama.cpp assumes
+    folder = tmp_path / "gemma-3-tiny"
+    smollm_tokenizer.save_pretrained(folder)
+    _, result = export("gguf", model, smollm_tokenizer, folder, tmp_path / "q8.gguf", None, "Q8_0")
+    assert 0 <= result.format_info["conversion_kl"] < 1e-5
+    _, result = export("gguf", model, smollm_tokenizer, folder, tmp_path / "f32.gguf", None, "F32")
+    assert result.format_info["conversion_kl"] < 1e-5  # the lossless artifact itself
+    _, result = export("gguf", model, smollm_tokenizer, folder, tmp_path / "f16.gguf", None, "F16")
+    assert result.format_info["conversion_kl"] is None  # rounded: quantization noise, not the converter's
+    monkeypatch.setenv(SKIP_CHECK_VARIABLE, "1")
+    bad = _gemma3(smollm_tokenizer, layer_types=["full_attention", "sliding_attention"] * 3)
+    _, result = export("gguf", bad, smollm_tokenizer, folder, tmp_path / "skipped.gguf", None, "Q8_0")
+    assert result.format_info["conversion_kl"] is None

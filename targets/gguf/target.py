@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from srcr.base.weights import SafetensorsFolder, TensorSource
 from srcr.targets.base import DEFAULT_BITS, ExportResult, Imatrix, QuantSpec
 from srcr.targets.gguf.blocks import GGML_TYPES
 from srcr.targets.gguf.convert import SUPPORTED_ARCHITECTURES, architecture_spec, convert_to_gguf, rope_parameters
+from srcr.targets.gguf.fidelity import SKIP_CHECK_VARIABLE, check_reproduces
 from srcr.targets.gguf.llama_log import check_vocab_loads
 from srcr.targets.gguf.quantize import (
     BITS_TO_TYPE,
@@ -31,7 +33,7 @@ from srcr.targets.gguf.quantize import (
     tensor_type_mix,
 )
 from srcr.targets.gguf.runtime import LlamaCppRuntime, gpu_layers_for
-from srcr.targets.gguf.upstream import check_supported, convert_with_llama_cpp, locate_converter
+from srcr.targets.gguf.upstream import check_supported, check_vocab, convert_with_llama_cpp, locate_converter
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -115,6 +117,10 @@ class GGUFTarget:
             raise SrcrError(f"the config of this {model_type} model names no `architectures`; add it to config.json")
         check_supported(locate_converter(), architecture, str(model_type))
 
+    def check_files(self, folder: Path, config: PretrainedConfig) -> None:
+        if not writes_itself(config):
+            check_vocab(locate_converter(), folder, Path(folder).name)
+
     def export(
         self,
         model: PreTrainedModel,
@@ -138,9 +144,12 @@ class GGUFTarget:
         progress("convert to GGUF", 0, steps)
         stage_seconds: dict[str, float] = {}
         started = time.perf_counter()
+        conversion_kl = None
         if unquantized:
             _, converter = convert(model, tokenizer, out, spec.quant_type, hints, weights=weights)
             _check_loads(out)
+            if spec.quant_type == lossless_type(model):
+                conversion_kl = _check_fidelity(model, tokenizer, out, codes, weights)
             gguf_imatrix: dict = {}
             keep: dict[str, str] = {}
         else:
@@ -151,6 +160,7 @@ class GGUFTarget:
                 intermediate = lossless_type(model)
                 names, converter = convert(model, tokenizer, full_precision, intermediate, hints, codes, weights)
                 _check_loads(full_precision)
+                conversion_kl = _check_fidelity(model, tokenizer, full_precision, codes, weights)
                 # With GPTQ codes the importance matrix is left out: it covers only the decoder's matrices,
                 # which are quantized already and pinned to their type (`keep`). llama.cpp's converter may
                 # fuse or reshape some matrices; only those it wrote as they were carry their importance.
@@ -202,6 +212,8 @@ class GGUFTarget:
                 "llama_cpp_python": llama_cpp.__version__,
                 "gguf_py": importlib.metadata.version("gguf"),
                 "converter": converter,
+                # Mean KL(PyTorch || llama.cpp) on the unrounded file; None where it was not checked.
+                "conversion_kl": conversion_kl,
             },
             stage_seconds={name: round(seconds, 3) for name, seconds in stage_seconds.items()},
         )
@@ -220,6 +232,20 @@ class GGUFTarget:
     def reference_spec(self, dtype: str) -> QuantSpec:
         """The file the reference runs on when the model is not held in memory: the checkpoint, unrounded."""
         return QuantSpec(format=self.name, bits=16, quant_type=_LOSSLESS.get(dtype, "F32"), options={})
+
+
+def _check_fidelity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    codes: Mapping[str, BlockCodes],
+    weights: TensorSource | None,
+) -> float | None:
+    """The unrounded file against the model in PyTorch (fidelity.py). Not checked: a streamed model (PyTorch
+    holds a skeleton), GPTQ codes (the file holds them rounded already), or SRCR_SKIP_CONVERSION_CHECK=1."""
+    if weights is not None or codes or os.environ.get(SKIP_CHECK_VARIABLE, "") not in ("", "0"):
+        return None
+    return check_reproduces(model, tokenizer, path, str(next(model.parameters()).dtype).removeprefix("torch."))
 
 
 # torch dtype name -> the GGUF type that holds it exactly.

@@ -15,6 +15,7 @@ interpreter with its own gguf-py first on the path, on a safetensors folder of t
 from __future__ import annotations
 
 import ast
+import json
 import os
 import posixpath
 import shutil
@@ -144,6 +145,75 @@ def check_supported(converter: Converter, architecture: str, model_type: str) ->
         )
 
 
+def check_vocab(converter: Converter, source_folder: Path, model_name: str | None = None) -> None:
+    """Convert only the vocabulary of the model in `source_folder` (its config and tokenizer files, no weights)
+    and load it in llama.cpp: a tokenizer the converter or llama.cpp refuses fails in seconds, before
+    calibration, not after it."""
+    from srcr.targets.gguf.llama_log import check_vocab_loads
+
+    with tempfile.TemporaryDirectory(prefix="srcr-vocab-") as scratch:
+        folder = Path(scratch) / "model"
+        folder.mkdir()
+        shutil.copyfile(Path(source_folder) / "config.json", folder / "config.json")
+        _copy_side_files(Path(source_folder), folder)
+        out = Path(scratch) / "vocab.gguf"
+        try:
+            run_converter(converter, folder, out, "f32", model_name, vocab_only=True)
+        except ConverterFailed as error:
+            raise SrcrError(
+                f"llama.cpp's converter cannot convert the tokenizer of {source_folder} ({error.reason}); "
+                "nothing was calibrated: add the tokenizer file it names, or use --format onnx"
+            ) from None
+        reason = check_vocab_loads(str(out))
+    if reason is not None:
+        raise SrcrError(
+            f"llama.cpp cannot load the tokenizer of {source_folder} as converted ({reason}); nothing was "
+            "calibrated; use --format onnx"
+        )
+
+
+def prepare_tokenizer(folder: Path) -> None:
+    """Name a Phi-3-architecture model's BPE tokenizer as GPT-2's, in srcr's own copy of the folder.
+
+    llama.cpp's Phi-3 converter reads the vocabulary as SentencePiece (`tokenizer.model`) unless
+    `tokenizer_config.json` names the GPT-2 tokenizer class, as Phi-4 ships it. A Phi-3-architecture model
+    saved by a recent transformers names its class otherwise (e.g. "TokenizersBackend") and carries only
+    `tokenizer.json`; its BPE vocabulary is what the GPT-2 path reads, so it is named so here."""
+    config = _small_json(folder / "config.json")
+    if "Phi3ForCausalLM" not in (config.get("architectures") or []) or (folder / "tokenizer.model").exists():
+        return
+    settings_file = folder / "tokenizer_config.json"
+    settings = _small_json(settings_file)
+    if not settings or settings.get("tokenizer_class") == "GPT2Tokenizer":
+        return
+    model = _small_json(folder / "tokenizer.json").get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        return
+    settings["tokenizer_class"] = "GPT2Tokenizer"
+    settings_file.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+
+
+def _small_json(path: Path) -> dict:
+    """A side file's JSON object; {} when it is absent, too large, or not a JSON object (the converter then
+    says what it misses)."""
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_SIDE_FILE:
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _copy_side_files(source_folder: Path, folder: Path) -> None:
+    for path in sorted(source_folder.iterdir()):
+        if path.name in _NOT_COPIED or path.suffix in _WEIGHT_SUFFIXES or not path.is_file():
+            continue
+        if path.stat().st_size > _MAX_SIDE_FILE:
+            continue
+        shutil.copyfile(path, folder / path.name)
+
+
 def write_model_folder(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source_folder: Path | None, folder: Path
 ) -> None:
@@ -154,17 +224,18 @@ def write_model_folder(
     if source_folder is None or not Path(source_folder).is_dir():
         tokenizer.save_pretrained(folder)
         return
-    for path in sorted(Path(source_folder).iterdir()):
-        if path.name in _NOT_COPIED or path.suffix in _WEIGHT_SUFFIXES or not path.is_file():
-            continue
-        if path.stat().st_size > _MAX_SIDE_FILE:
-            continue
-        shutil.copyfile(path, folder / path.name)
+    _copy_side_files(Path(source_folder), folder)
 
 
-def run_converter(converter: Converter, folder: Path, out: Path, outtype: str, model_name: str | None) -> None:
-    """convert_hf_to_gguf.py on `folder`, writing `out` (f32 or f16); its last error line on failure."""
+def run_converter(
+    converter: Converter, folder: Path, out: Path, outtype: str, model_name: str | None, vocab_only: bool = False
+) -> None:
+    """convert_hf_to_gguf.py on `folder` (a folder of srcr's own), writing `out` (f32 or f16; the vocabulary
+    alone with `vocab_only`); its last error line on failure."""
+    prepare_tokenizer(folder)
     command = [sys.executable, str(converter.script), str(folder), "--outfile", str(out), "--outtype", outtype]
+    if vocab_only:
+        command.append("--vocab-only")
     if model_name:
         # llama.cpp keys some per-family tokenizer fixes on general.name; the temporary folder's name is noise.
         command += ["--model-name", model_name]
@@ -173,8 +244,13 @@ def run_converter(converter: Converter, folder: Path, out: Path, outtype: str, m
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0 or not Path(out).is_file():
         lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exit status {result.returncode}"
-        raise SrcrError(f"llama.cpp's converter failed ({reason}); see docs/gguf.md for the families it takes")
+        raise ConverterFailed(lines[-1] if lines else f"exit status {result.returncode}")
+
+
+class ConverterFailed(SrcrError):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"llama.cpp's converter failed ({reason}); see docs/gguf.md for the families it takes")
 
 
 def gguf_tensor_names(arch_name: str, blocks: int, hf_names: Iterable[str]) -> dict[str, str]:

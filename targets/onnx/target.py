@@ -59,6 +59,9 @@ class ONNXTarget:
     def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:
         specs.check_block_size_fits(config, spec)
 
+    def check_files(self, folder: Path, config: PretrainedConfig) -> None:
+        """Nothing: the ONNX graph carries no tokenizer (the evaluators tokenize with transformers)."""
+
     def export(
         self,
         model: PreTrainedModel,
