@@ -16,7 +16,10 @@ on one linear at a time, with no error carried across layers. SmolLM2's embedded
 dequantized from a Q4_1 file (blocks of 32), which flatters any 4-bit grid of block 32: relative
 figures only.
 
-    python bench/bench_gptq_layerwise.py [--layers 0,10,20,29] [--samples 32] [--seq-len 512]
+    python bench/bench_gptq_layerwise.py [--layers 0,10,20,29] [--samples 32] [--seq-len 512] [--held-out 4]
+
+--held-out N fits every candidate on the calibration inputs and scores it on N windows of lee.cor: the
+in-sample error is what GPTQ minimizes, the held-out one what a deployed file meets.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from srcr.base.grids import grid  # noqa: E402
-from srcr.exporter.calibration import calibration_text, load_calibration  # noqa: E402
+from srcr.exporter.calibration import calibration_text, evaluation_text, load_calibration  # noqa: E402
 from srcr.exporter.models import load_weights, open_source  # noqa: E402
 from srcr.exporter.pruning.gptq import quantize_columnwise, round_to_nearest  # noqa: E402
 from srcr.exporter.pruning.sparsegpt import inverse_hessian_upper, prune_columnwise  # noqa: E402
@@ -106,8 +109,14 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: t
 
 
 def measure(
-    weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, library: ctypes.CDLL, with_q4_1: bool
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    library: ctypes.CDLL,
+    with_q4_1: bool,
+    scored_on: torch.Tensor | None = None,
 ) -> dict[str, float]:
+    """Each candidate fitted on `hessian`; its error on `scored_on` (held-out inputs) when given."""
     q4_0 = grid("Q4_0")
     hinv, dead = inverse_hessian_upper(hessian.clone(), DEFAULT_PERCDAMP)
     weight = weight.clone()
@@ -126,7 +135,8 @@ def measure(
     if with_q4_1:  # what llama.cpp's Q4_0 file writes for the first eighth of ffn_down given an imatrix
         candidates["+llama.cpp Q4_1 imatrix"] = llama_cpp_quantized(library, pruned, imatrix, "Q4_1")
         candidates["joint GPTQ Q4_1"] = quantize_columnwise(weight, hinv, grid("Q4_1"), sparsity)[0]
-    return {label: relative_error(weight, value, hessian) for label, value in candidates.items()}
+    scoring = hessian if scored_on is None else scored_on
+    return {label: relative_error(weight, value, scoring) for label, value in candidates.items()}
 
 
 def main() -> None:
@@ -137,6 +147,9 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--with-q4-1", action="store_true", help="also Q4_1, llama.cpp's and GPTQ's")
     parser.add_argument("--linears", default="", help="only these, e.g. mlp.down_proj")
+    parser.add_argument(
+        "--held-out", type=int, default=0, metavar="WINDOWS", help="score on WINDOWS x 512 tokens of lee.cor"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -145,6 +158,11 @@ def main() -> None:
     calibration = load_calibration(loaded.tokenizer, calibration_text(None, None), args.samples, args.seq_len, 0)
     layers = [int(part) for part in args.layers.split(",")]
     hessians = capture_hessians(model, calibration.input_ids, layers)
+    held_out = {}
+    if args.held_out:
+        ids = loaded.tokenizer(evaluation_text(None, None).text, add_special_tokens=False)["input_ids"]
+        windows = torch.tensor(ids[: args.held_out * 512]).reshape(args.held_out, 512)
+        held_out = capture_hessians(model, windows, layers)
     library = ggml_library()
     rows = []
     for key, hessian in hessians.items():
@@ -152,7 +170,7 @@ def main() -> None:
         weight = model.model.layers[int(index)].get_submodule(name).weight.detach().float()
         if args.linears and name not in args.linears.split(","):
             continue
-        errors = measure(weight, hessian, args.sparsity, library, args.with_q4_1)
+        errors = measure(weight, hessian, args.sparsity, library, args.with_q4_1, held_out.get(key))
         rows.append({"linear": key, **errors})
         print(key, " ".join(f"{label}={value:.4g}" for label, value in errors.items()), flush=True)
     labels = [label for label in rows[0] if label != "linear"]
