@@ -40,9 +40,9 @@ from srcr.exporter.sweep import run_sweep  # noqa: E402
 console = Console(stderr=True)
 
 
-def train_small_llama(folder: Path, steps: int, seed: int = 0) -> None:
-    """A 4-layer Llama (hidden 256, FFN 768: every row a multiple of 256, so the K-quants fit) trained on
-    Lee background."""
+def train_small_llama(folder: Path, steps: int, seed: int = 0, layers: int = 4) -> None:
+    """A small Llama (4 layers by default, hidden 256, FFN 768: every row a multiple of 256, so the K-quants
+    fit) trained on Lee background."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_checkpoint())
@@ -50,7 +50,7 @@ def train_small_llama(folder: Path, steps: int, seed: int = 0) -> None:
         vocab_size=len(tokenizer),
         hidden_size=256,
         intermediate_size=768,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=4,
         max_position_embeddings=1024,

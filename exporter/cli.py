@@ -178,6 +178,12 @@ RECIPE_HELP = (
     "Start from a recipe (TOML, YAML or JSON; docs/recipe.md) or a manifest, whose embedded recipe reproduces "
     "its artifact bit for bit on the same kind of machine; flags given beside it override its fields."
 )
+BUDGET_MB_HELP = (
+    "GGUF: make the file at most this many MB (10^6 bytes): srcr measures each weight matrix's sensitivity on "
+    "the calibration data and picks a llama.cpp type per matrix (K, IQ and legacy types) for the least predicted "
+    "KL; replaces --bits / --quant-type. The choice is in the manifest (quantization.allocation)."
+)
+BUDGET_BPW_HELP = "GGUF: as --budget-mb, for this many bits per weight on average over the weight matrices."
 PRINT_RECIPE_HELP = "Print the recipe the flags (and --recipe) describe, as TOML, and exit without running it."
 
 
@@ -282,6 +288,12 @@ def export(
         bool | None,
         typer.Option("--symmetric/--asymmetric", help="ONNX: symmetric or asymmetric blocks.", rich_help_panel=P_QUANT),
     ] = DEFAULT.quantize.symmetric,
+    budget_mb: Annotated[
+        float | None, typer.Option(help=BUDGET_MB_HELP, rich_help_panel=P_QUANT, show_default=False)
+    ] = DEFAULT.quantize.budget_mb,
+    budget_bpw: Annotated[
+        float | None, typer.Option(help=BUDGET_BPW_HELP, rich_help_panel=P_QUANT, show_default=False)
+    ] = DEFAULT.quantize.budget_bpw,
     calib: Annotated[
         Path | None,
         typer.Option(

@@ -58,6 +58,8 @@ EXPORT_FLAGS: dict[str, tuple[str, ...]] = {
     "quant_algo": ("quantize", "algo"),
     "quant_scheme": ("quantize", "scheme"),
     "symmetric": ("quantize", "symmetric"),
+    "budget_mb": ("quantize", "budget_mb"),
+    "budget_bpw": ("quantize", "budget_bpw"),
     "name": ("export", "name"),
     "evaluate": ("evaluate", "enabled"),
     "top_k": ("evaluate", "top_k"),

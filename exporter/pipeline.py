@@ -291,6 +291,9 @@ def make_plan(
         target.check_model(source.config, spec)
     target.check_files(source.folder, source.config)
     model_skeleton = skeleton(source.config)
+    matrices = _matrix_shapes(model_skeleton)
+    for spec in specs:
+        target.check_budget(matrices, spec)
     layers = decoder_layers(model_skeleton)  # calibration walks them, whatever is pruned
     for setting in {setting_for(setting, spec) for setting in settings for spec in specs}:
         check_prunable(source.config, setting.prune)
@@ -300,6 +303,11 @@ def make_plan(
             global_widths = setting.structure.width and setting.structure.allocation == "global"
             target.check_structure(source.config, setting.structure.drop_layers > 0, global_widths)
     stream = _decide_stream(recipe.model.stream, target, source, model_skeleton, settings, specs)
+    if stream and any(spec.allocates for spec in specs):
+        raise SrcrError(
+            "--budget-mb / --budget-bpw measure each tensor's sensitivity with the model in memory, and this "
+            "export would stream it; pass --stream off (needs the model's size in free memory)"
+        )
     reference = evaluate.reference if evaluate.reference != "auto" else "artifact" if stream else "torch"
     if inputs is not None and reference == "artifact":
         target.reference_spec(dtype)  # the target can make one: checked now
@@ -319,6 +327,11 @@ def make_plan(
         recipe=recipe,
         requests=requests,
     )
+
+
+def _matrix_shapes(model: Any) -> list[tuple[int, int]]:
+    """[rows, columns] of every weight matrix (a tied embedding once): what a budget has to store."""
+    return [tuple(parameter.shape) for parameter in model.parameters() if parameter.dim() == 2]
 
 
 def _check_sha(what: str, actual: str, expected: str | None, field_name: str) -> None:
@@ -588,6 +601,10 @@ def write_export(
     target, loaded = plan.target, pruned.loaded
     with contextlib.ExitStack() as outputs:
         artifact_tmp = outputs.enter_context(atomic_path(paths.artifact, overwrite))
+        sensitivity = None
+        if spec.allocates:
+            with timer.stage("sensitivity"):
+                sensitivity = sensitivity_stage(pruned, plan, progress)
         with timer.stage("export"):
             result = target.export(
                 loaded.model,
@@ -599,6 +616,7 @@ def write_export(
                 progress=progress,
                 codes=pruned.report.codes,
                 weights=loaded.weights,
+                sensitivity=sensitivity,
             )
         timer.split("export", result.stage_seconds)
         evaluation = None
@@ -617,6 +635,18 @@ def write_export(
     return manifest
 
 
+def sensitivity_stage(pruned: PrunedModel, plan: Plan, progress: ProgressFn) -> dict[str, float]:
+    """Mean KL per unit of relative error of every weight matrix of the pruned model (exporter/sensitivity.py)."""
+    from srcr.exporter.sensitivity import measure_sensitivity
+
+    if pruned.streamed:
+        raise SrcrError("--budget-mb / --budget-bpw measure the model in memory; pass --stream off")
+    measured = measure_sensitivity(
+        pruned.loaded.model, pruned.calibration.input_ids, pruned.report.imatrix, plan.device, progress=progress
+    )
+    return {name: value.kl_per_error for name, value in measured.items()}
+
+
 def build_manifest(
     pruned: PrunedModel,
     plan: Plan,
@@ -632,7 +662,9 @@ def build_manifest(
 
     loaded = pruned.loaded
     removed = pruned.structure.removed_fraction if pruned.structure is not None else 0.0
-    tcr_value = tcr(pruned.prune_spec.target_sparsity, spec.bits, removed)
+    # A budget's bits are what the allocation stores on average, measured on the file.
+    bits = result.bits_per_weight if spec.allocates else spec.bits
+    tcr_value = tcr(pruned.prune_spec.target_sparsity, bits, removed)
     baseline = baseline_bytes(loaded.n_params)
     actual = 1.0 - result.artifact_bytes / baseline
     sr = evaluation["sr"] if evaluation is not None else None
@@ -652,7 +684,12 @@ def build_manifest(
                 "weights_sha256": loaded.weights_sha256,
             },
             "pruning": pruning_section(pruned),
-            "quantization": {"bits": spec.bits, "type": spec.quant_type, **spec.options, **result.quantization},
+            "quantization": {
+                "bits": max(1, round(bits)),
+                "type": spec.quant_type,
+                **spec.options,
+                **result.quantization,
+            },
             "artifact": {
                 "file": paths.artifact.name,
                 "sha256": sha256_of(artifact_file),
@@ -671,7 +708,7 @@ def build_manifest(
             ),
             "timings_s": dict(timer.seconds),
             "sr": sr,
-            "srcr": srcr_score(sr, pruned.prune_spec.target_sparsity, spec.bits, removed) if sr is not None else None,
+            "srcr": srcr_score(sr, pruned.prune_spec.target_sparsity, bits, removed) if sr is not None else None,
             "sr_actual": sr * actual if sr is not None else None,
             "srcr_interval": [bound * tcr_value for bound in evaluation["intervals"]["sr"]]
             if evaluation is not None
@@ -724,7 +761,7 @@ def job_recipe(plan: Plan, setting: Setting, spec: QuantSpec, name: str) -> Reci
     the device and reference the run chose (`auto` decides by the machine; a replay must not)."""
     recipe = plan.recipe
     bits, quant_type, quantizer = plan.requests[(spec.quant_type, spec.grid)]
-    if bits is None and quant_type is None:
+    if bits is None and quant_type is None and not spec.allocates:
         bits = spec.bits  # the format's default, named: a later srcr may default to another
     prune, structure = setting.prune, setting.structure
     model_source = recipe.model.source

@@ -87,6 +87,10 @@ class QuantizeStage(Stage):
     algo: str | None = None  # ONNX: wls, hqq or rtn
     scheme: str | None = None  # ONNX: weight-only or dynamic
     symmetric: bool | None = None  # ONNX
+    # GGUF: choose a type per weight matrix so the file takes at most this many MB (10^6 bytes), or its
+    # weight matrices this many bits per weight on average; replaces bits/type.
+    budget_mb: float | None = None
+    budget_bpw: float | None = None
 
     def target_options(self) -> dict[str, object]:
         """The options the target's resolve_quant reads, unset ones left out."""
@@ -97,6 +101,8 @@ class QuantizeStage(Stage):
             "quant_algo": self.algo,
             "quant_scheme": self.scheme,
             "symmetric": self.symmetric,
+            "budget_mb": self.budget_mb,
+            "budget_bpw": self.budget_bpw,
         }
         return {key: value for key, value in options.items() if value is not None}
 

@@ -217,6 +217,11 @@ class RunOptions:
 def sweep_plan(recipe: Recipe, out: Path, allow_pickle: bool) -> Plan:
     """The sweep's plan: every input checked, no weight read (a Ray task makes it again, as cheaply)."""
     axes = sweep_axes(recipe)
+    if recipe.quantize.budget_mb is not None or recipe.quantize.budget_bpw is not None:
+        raise SrcrError(
+            "quantize.budget_mb / budget_bpw make one file per budget: run srcr export --budget-mb; a sweep's "
+            "--budget-mb recommends the best of its files instead"
+        )
     if not axes.bits and not axes.quant_type:
         raise SrcrError("--bits is empty; pass the bit-widths to try, e.g. --bits 2,3,4,8, or --quant-type")
     bits, quantizers = list(dict.fromkeys(axes.bits)), list(dict.fromkeys(axes.quantizer)) or [None]

@@ -32,6 +32,10 @@ DEFAULT_BITS = 4
 Imatrix = Mapping[str, np.ndarray]
 
 
+# Options that ask the target to choose each tensor's storage itself, to fit a file size or bits per weight.
+BUDGET_OPTIONS = ("budget_mb", "budget_bpw")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """A resolved quantization request: validated by the target before any expensive work."""
@@ -43,6 +47,11 @@ class QuantSpec:
     # srcr's GPTQ rounds onto this block grid (srcr.base.grids) during calibration and the target writes
     # the codes as they are; None: the format's own quantizer quantizes the float weights.
     grid: str | None = None
+
+    @property
+    def allocates(self) -> bool:
+        """Whether the target picks a type per tensor for a budget, from the `sensitivity` export is given."""
+        return any(key in self.options for key in BUDGET_OPTIONS)
 
 
 @dataclass
@@ -100,13 +109,20 @@ class Target(Protocol):
         progress: ProgressFn = no_progress,
         codes: Mapping[str, BlockCodes] | None = None,
         weights: TensorSource | None = None,
+        sensitivity: Mapping[str, float] | None = None,
     ) -> ExportResult:
         """Write the artifact to `out` (the caller guarantees `out` is a fresh temporary path).
 
         `codes` (Hugging Face weight name -> codes and scales on `spec.grid`) are written as they are.
         With `weights` (only where `streams`), tensors are read from there one at a time and `model` is
-        a skeleton that gives the config and shapes.
+        a skeleton that gives the config and shapes. `sensitivity` (Hugging Face weight name -> mean KL per
+        unit of relative error, exporter/sensitivity.py) is given when `spec.allocates`.
         """
+        ...
+
+    def check_budget(self, shapes: list[tuple[int, int]], spec: QuantSpec) -> None:
+        """For a budget (`spec.allocates`): raise SrcrError naming the smallest budget when even the format's
+        smallest storage of weight matrices of these [rows, columns] shapes cannot fit; no-op otherwise."""
         ...
 
     def for_checkpoint(self, spec: QuantSpec, dtype: str) -> QuantSpec:

@@ -88,3 +88,33 @@ def tiny_llama_dir(tmp_path_factory, smollm_tokenizer) -> Path:
     make_tiny_llama(smollm_tokenizer).save_pretrained(folder, safe_serialization=True)
     smollm_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_vocab_tokenizer():
+    """1,200 tokens: the embedding stays small, so quantizing 256-wide models takes seconds."""
+    from test_gguf_helpers import sentencepiece_style_tokenizer
+
+    return sentencepiece_style_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def wide_llama(small_vocab_tokenizer):
+    """Rows of 256 and 512 columns: every K-quant and IQ type applies without fallback."""
+    from test_gguf_helpers import tiny_llama
+
+    return tiny_llama(small_vocab_tokenizer, hidden=256, intermediate=512)
+
+
+@pytest.fixture(scope="session")
+def wide_llama_f32(wide_llama, small_vocab_tokenizer, tmp_path_factory):
+    """wide_llama as an F32 GGUF, and its importance matrix by GGUF tensor name."""
+    from test_gguf_helpers import activation_imatrix, sample_tokens
+
+    from srcr.targets.gguf.convert import convert_to_gguf
+    from srcr.targets.gguf.target import imatrix_by_gguf_name
+
+    path = tmp_path_factory.mktemp("wide") / "wide-f32.gguf"
+    names = convert_to_gguf(wide_llama, small_vocab_tokenizer, path, "F32")
+    imatrix = imatrix_by_gguf_name(activation_imatrix(wide_llama, sample_tokens(small_vocab_tokenizer)), names)
+    return path, imatrix

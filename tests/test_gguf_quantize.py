@@ -8,7 +8,6 @@ from test_gguf_helpers import (
     activation_imatrix,
     leftovers,
     sample_tokens,
-    sentencepiece_style_tokenizer,
     tiny_llama,
 )
 
@@ -16,29 +15,8 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
 from srcr.base.errors import SrcrError  # noqa: E402
-from srcr.targets.gguf.convert import convert_to_gguf  # noqa: E402
 from srcr.targets.gguf.quantize import BITS_TO_TYPE, QUANT_TYPES, quantize_gguf, tensor_type_mix  # noqa: E402
 from srcr.targets.gguf.target import GGUFTarget, imatrix_by_gguf_name  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def small_vocab_tokenizer():
-    """1,200 tokens: the embedding stays small, so quantizing 256-wide models takes seconds."""
-    return sentencepiece_style_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def wide_llama(small_vocab_tokenizer):
-    """Rows of 256 and 512 columns: every K-quant and IQ type applies without fallback."""
-    return tiny_llama(small_vocab_tokenizer, hidden=256, intermediate=512)
-
-
-@pytest.fixture(scope="module")
-def wide_llama_f32(wide_llama, small_vocab_tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("wide") / "wide-f32.gguf"
-    names = convert_to_gguf(wide_llama, small_vocab_tokenizer, path, "F32")
-    imatrix = imatrix_by_gguf_name(activation_imatrix(wide_llama, sample_tokens(small_vocab_tokenizer)), names)
-    return path, imatrix
 
 
 @pytest.mark.parametrize(("bits", "expected"), sorted(BITS_TO_TYPE.items()))

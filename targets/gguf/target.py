@@ -19,8 +19,9 @@ from srcr.base.files import temp_name
 from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.weights import SafetensorsFolder, TensorSource
-from srcr.targets.base import DEFAULT_BITS, ExportResult, Imatrix, QuantSpec
+from srcr.targets.base import BUDGET_OPTIONS, DEFAULT_BITS, ExportResult, Imatrix, QuantSpec
 from srcr.targets.gguf.blocks import GGML_TYPES
+from srcr.targets.gguf.budget import Allocation, allocate_types, budget_from_bpw, smallest_bytes
 from srcr.targets.gguf.convert import SUPPORTED_ARCHITECTURES, architecture_spec, convert_to_gguf, rope_parameters
 from srcr.targets.gguf.fidelity import SKIP_CHECK_VARIABLE, check_reproduces
 from srcr.targets.gguf.llama_log import check_vocab_loads
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 
 # Options resolve_quant accepts; `pure` turns off llama.cpp's per-tensor K-quant mix, `quantizer` picks
 # who rounds the decoder's weight matrices: llama.cpp (default) or srcr's GPTQ.
-_OPTIONS = ("pure", "quantizer")
+_OPTIONS = ("pure", "quantizer", *BUDGET_OPTIONS)
+BUDGETS = BUDGET_OPTIONS
 UNQUANTIZED = ("F32", "F16", "BF16")
 QUANTIZERS = ("llama.cpp", "gptq")
 # --bits -> the type srcr's GPTQ writes: the legacy block types, whose 32-weight blocks fit any row of a
@@ -61,10 +63,15 @@ class GGUFTarget:
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             flags = ", ".join(f"--{key.replace('_', '-')}" for key in unknown)
-            raise SrcrError(f"{flags} do not apply to --format gguf (its options: --pure, --quantizer); drop them")
+            raise SrcrError(
+                f"{flags} do not apply to --format gguf (its options: --pure, --quantizer, --budget-mb, "
+                "--budget-bpw); drop them"
+            )
         quantizer = str(options.get("quantizer", "llama.cpp"))
         if quantizer not in QUANTIZERS:
             raise SrcrError(f"unknown --quantizer {quantizer!r} for GGUF; choose {' or '.join(QUANTIZERS)}")
+        if any(key in options for key in BUDGETS):
+            return _resolve_budget(bits, quant_type, options)
         if quantizer == "gptq":
             return _resolve_gptq(bits, quant_type, options)
         if quant_type is not None:
@@ -99,7 +106,7 @@ class GGUFTarget:
             )
 
     def width_multiple(self, spec: QuantSpec) -> int:
-        return block_width(spec.quant_type)
+        return 32 if is_budget(spec) else block_width(spec.quant_type)
 
     def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:
         if writes_itself(config):
@@ -117,6 +124,22 @@ class GGUFTarget:
             raise SrcrError(f"the config of this {model_type} model names no `architectures`; add it to config.json")
         check_supported(locate_converter(), architecture, str(model_type))
 
+    def check_budget(self, shapes: list[tuple[int, int]], spec: QuantSpec) -> None:
+        if not spec.allocates:
+            return
+        floor = sum(smallest_bytes(rows, columns) for rows, columns in shapes)
+        weights = sum(rows * columns for rows, columns in shapes)
+        if "budget_bpw" in spec.options and float(spec.options["budget_bpw"]) < 8 * floor / weights:  # type: ignore[arg-type]
+            raise SrcrError(
+                f"the smallest types llama.cpp writes for this model's matrices take {8 * floor / weights:.3f} bits "
+                "per weight; raise --budget-bpw"
+            )
+        if "budget_mb" in spec.options and float(spec.options["budget_mb"]) * 1e6 < floor:  # type: ignore[arg-type]
+            raise SrcrError(
+                f"no GGUF of this model fits {float(spec.options['budget_mb']):.2f} MB: its weight matrices alone "  # type: ignore[arg-type]
+                f"take at least {floor / 1e6:.2f} MB in the smallest types; raise --budget-mb"
+            )
+
     def check_files(self, folder: Path, config: PretrainedConfig) -> None:
         if not writes_itself(config):
             check_vocab(locate_converter(), folder, Path(folder).name)
@@ -132,8 +155,11 @@ class GGUFTarget:
         progress: ProgressFn = no_progress,
         codes: Mapping[str, BlockCodes] | None = None,
         weights: TensorSource | None = None,
+        sensitivity: Mapping[str, float] | None = None,
     ) -> ExportResult:
         out = Path(out)
+        if is_budget(spec) and not sensitivity:
+            raise SrcrError("a --budget export needs the sensitivities measured on the calibration data; none came")
         codes = dict(codes or {})
         if spec.grid is not None and not codes:
             raise SrcrError(f"{spec.quant_type} with --quantizer gptq needs the calibration pass's codes; none came")
@@ -145,6 +171,7 @@ class GGUFTarget:
         stage_seconds: dict[str, float] = {}
         started = time.perf_counter()
         conversion_kl = None
+        allocation = None
         if unquantized:
             _, converter = convert(model, tokenizer, out, spec.quant_type, hints, weights=weights)
             _check_loads(out)
@@ -170,8 +197,15 @@ class GGUFTarget:
                 gguf_imatrix = {} if codes else imatrix_by_gguf_name(usable, names)
                 keep = {names[name]: matrix.grid for name, matrix in codes.items()}
                 ftype = GPTQ_LLAMA_CPP_FTYPE.get(spec.quant_type, spec.quant_type) if codes else spec.quant_type
+                pure = bool(spec.options.get("pure", False))
                 stage_seconds["convert"] = time.perf_counter() - started
                 started = time.perf_counter()
+                if is_budget(spec):
+                    progress("choose a type per tensor", 1, steps)
+                    allocation = _allocate(full_precision, spec, sensitivity or {}, names, gguf_imatrix, progress)
+                    keep, ftype, pure = dict(allocation.types), BUDGET_BASE_TYPE, True
+                    stage_seconds["allocate"] = time.perf_counter() - started
+                    started = time.perf_counter()
                 progress(f"quantize to {spec.quant_type}", 1, steps)
                 # In a child process: Ctrl-C stops it at once, and a crash in llama.cpp stays one line.
                 run_in_child(
@@ -182,14 +216,18 @@ class GGUFTarget:
                     ftype,
                     gguf_imatrix or None,
                     None,
-                    bool(spec.options.get("pure", False)),
+                    pure,
                     keep,
                 )
             finally:
                 full_precision.unlink(missing_ok=True)
         progress("measure", steps - 1, steps)
         reader = gguf.GGUFReader(out)  # parsing the header takes seconds on a real vocabulary: once
-        written = check_written_as_solved(reader, keep)
+        if allocation is not None:
+            check_written_as_allocated(reader, allocation, out.stat().st_size)
+            written = {}
+        else:
+            written = check_written_as_solved(reader, keep)
         mix = tensor_type_mix(reader)
         stage_seconds["convert" if unquantized else "quantize"] = time.perf_counter() - started
         result = ExportResult(
@@ -206,6 +244,8 @@ class GGUFTarget:
                 # With GPTQ: the weight matrices llama.cpp still quantized itself (embeddings, output head).
                 "llama_cpp_tensors": written,
                 "gptq_tensors": len(codes),
+                # --budget-mb / --budget-bpw: the type srcr chose for every weight matrix, and why.
+                **({"allocation": allocation.manifest_section()} if allocation is not None else {}),
             },
             format_info={
                 "gguf_version": gguf.GGUF_VERSION,
@@ -232,6 +272,73 @@ class GGUFTarget:
     def reference_spec(self, dtype: str) -> QuantSpec:
         """The file the reference runs on when the model is not held in memory: the checkpoint, unrounded."""
         return QuantSpec(format=self.name, bits=16, quant_type=_LOSSLESS.get(dtype, "F32"), options={})
+
+
+def is_budget(spec: QuantSpec) -> bool:
+    return spec.allocates
+
+
+# The file type llama.cpp is asked for when srcr pins every matrix's type: only 1-D tensors and matrices
+# without an override would take it, and with `pure` nothing overrides srcr's choice.
+BUDGET_BASE_TYPE = "Q8_0"
+
+
+def _resolve_budget(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
+    given = [key for key in BUDGETS if key in options]
+    if len(given) > 1:
+        raise SrcrError("pass --budget-mb or --budget-bpw, not both")
+    if bits is not None or quant_type is not None:
+        raise SrcrError("a budget chooses the type of every tensor itself; drop --bits / --quant-type")
+    if options.get("quantizer", "llama.cpp") != "llama.cpp" or options.get("pure"):
+        raise SrcrError(
+            "--budget-mb / --budget-bpw quantize with llama.cpp, tensor by tensor; drop --quantizer / --pure"
+        )
+    key = given[0]
+    try:
+        value = float(options[key])  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SrcrError(f"--{key.replace('_', '-')} takes a number, not {options[key]!r}") from None
+    if key == "budget_bpw" and not 2.0 <= value <= 8.5:
+        raise SrcrError(f"--budget-bpw {value:g} is outside what llama.cpp's types span here (2 to 8.5 bits)")
+    if key == "budget_mb" and not value > 0:
+        raise SrcrError(f"--budget-mb must be positive, not {value:g}")
+    name = f"budget-{value:g}MB" if key == "budget_mb" else f"budget-{value:g}bpw"
+    # `bits` is nominal until the allocation is made; the manifest takes the measured bits per weight.
+    bits = max(2, min(8, round(value))) if key == "budget_bpw" else DEFAULT_BITS
+    return QuantSpec(format="gguf", bits=bits, quant_type=name, options={"quantizer": "llama.cpp", key: value})
+
+
+def _allocate(
+    full_precision: Path,
+    spec: QuantSpec,
+    sensitivity: Mapping[str, float],
+    names: Mapping[str, str],
+    imatrix: Mapping[str, object],
+    progress: ProgressFn,
+) -> Allocation:
+    reader = gguf.GGUFReader(full_precision)
+    file_bytes = full_precision.stat().st_size
+    if "budget_bpw" in spec.options:
+        budget = budget_from_bpw(reader, file_bytes, float(spec.options["budget_bpw"]))  # type: ignore[arg-type]
+    else:
+        budget = int(float(spec.options["budget_mb"]) * 1e6)  # type: ignore[arg-type]
+    by_gguf_name = {names[name]: value for name, value in sensitivity.items() if name in names}
+    return allocate_types(reader, file_bytes, budget, by_gguf_name, imatrix, progress)  # type: ignore[arg-type]
+
+
+def check_written_as_allocated(reader: gguf.GGUFReader, allocation: Allocation, file_bytes: int) -> None:
+    """llama.cpp wrote every matrix in the type srcr chose, and the file fits the budget."""
+    found = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+    changed = sorted(name for name, type_name in allocation.types.items() if found.get(name) != type_name)
+    if changed:
+        raise SrcrError(
+            f"llama.cpp did not write {len(changed)} tensors in the type chosen for them (e.g. {changed[0]}: "
+            f"{allocation.types[changed[0]]} asked, {found.get(changed[0])} written); report this with the model"
+        )
+    if file_bytes > allocation.budget_bytes:
+        raise SrcrError(
+            f"the file came out {file_bytes:,} bytes, over the budget of {allocation.budget_bytes:,}; report this"
+        )
 
 
 def _check_fidelity(

@@ -39,6 +39,9 @@ class ONNXTarget:
     # torch.onnx traces the whole model in memory (docs/performance.md: how large a model that allows).
     streams = False
 
+    def check_budget(self, shapes: list[tuple[int, int]], spec: QuantSpec) -> None:
+        """No budget to check: resolve_quant refuses --budget-mb / --budget-bpw for ONNX."""
+
     def for_checkpoint(self, spec: QuantSpec, dtype: str) -> QuantSpec:
         return spec  # 16-bit is float16: ONNX Runtime's CPU provider has no bfloat16 MatMul
 
@@ -73,8 +76,11 @@ class ONNXTarget:
         progress: ProgressFn = no_progress,
         codes: Mapping[str, BlockCodes] | None = None,
         weights: TensorSource | None = None,
+        sensitivity: Mapping[str, float] | None = None,
     ) -> ExportResult:
-        """Trace, quantize and write `out` (one .onnx file; `<name>.data` beside it only past 2 GB)."""
+        """Trace, quantize and write `out` (one .onnx file; `<name>.data` beside it only past 2 GB).
+
+        `sensitivity` is never asked for: resolve_quant refuses a budget for ONNX."""
         from srcr.targets.onnx import artifact
 
         if weights is not None:

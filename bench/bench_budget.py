@@ -1,0 +1,150 @@
+"""srcr's per-tensor allocation (`--budget-mb`) against llama.cpp's presets at the presets' own bytes.
+
+For each preset (Q4_K_M, Q3_K_M, IQ4_XS by default), all with srcr's importance matrix from the same
+calibration windows: export the preset, then export `--budget-mb` at exactly the preset's file size,
+and score both files in llama.cpp against the same reference pack. Prints each pair's mean KL, their
+ratio and the paired 95% interval of the difference over the evaluation windows (same items, same draws).
+
+    python bench/bench_budget.py                          # SmolLM2 (flattered: its weights are Q4_1 values)
+    python bench/bench_budget.py --train 400              # a small Llama trained here first, never quantized
+    python bench/bench_budget.py --model DIR [--presets Q4_K_M,IQ4_XS] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from srcr.base.progress import no_progress  # noqa: E402
+from srcr.evaluators.uncertainty import paired_difference  # noqa: E402
+from srcr.exporter.manifest import item_scores  # noqa: E402
+
+console = Console(stderr=True)
+
+
+def run(model: str | None, out: Path, presets: list[str], args: argparse.Namespace) -> list[dict]:
+    """Every preset, then a budget at each preset's bytes: one load, one calibration pass and one reference
+    pack for all (as a sweep shares them), and the sensitivities measured once (the same pruned model)."""
+    from srcr.exporter import pipeline
+    from srcr.exporter.recipe import Recipe
+
+    recipe = Recipe().merged(
+        {
+            "model": {"source": model, "stream": "off"},
+            "calibration": {"samples": args.calib_samples, "seq_len": args.seq_len},
+            "evaluate": {"windows": args.windows},
+        }
+    )
+    setting = pipeline.Setting(pipeline.prune_spec_for(0.0, None, recipe.prune), recipe.prune.structure.spec())
+    plan = pipeline.make_plan(recipe, out, False, [], None, [setting], quant_types=presets)
+    measure, measured = pipeline.sensitivity_stage, {}
+
+    def sensitivity_once(pruned, plan, progress):  # one pruned model: its sensitivities measured once
+        if not measured:
+            measured.update(measure(pruned, plan, progress))
+        return measured
+
+    pipeline.sensitivity_stage = sensitivity_once
+    timer = pipeline.StageTimer()
+    progress = no_progress
+    loaded = pipeline.load_stage(plan, timer, progress)
+    calibration = pipeline.calibration_stage(plan, loaded)
+    pack = pipeline.reference_stage(plan, loaded, out, timer, progress)
+    rows = []
+    with pipeline.prune_stage(plan, loaded, setting, calibration, out, timer, progress, reuse_dense=True) as pruned:
+
+        def export(spec):
+            name = pipeline.default_name(plan.source.label, setting, spec)
+            paths = pipeline.OutputPaths.for_name(out, name, plan.target.suffix)
+            stage_timer = pipeline.StageTimer()
+            stage_timer.seconds = dict(timer.seconds)
+            return pipeline.write_export(pruned, plan, spec, paths, pack, stage_timer, progress, recipe, True)
+
+        for spec in plan.specs:
+            console.print(f"[bold]{spec.quant_type}[/]")
+            base = export(spec)
+            budget = plan.target.resolve_quant(None, None, {"budget_mb": base.artifact.bytes / 1e6})
+            ours = export(budget)
+            rows.append(_row(spec.quant_type, base, ours))
+    return rows
+
+
+def _row(preset: str, base, ours) -> dict:
+    difference = paired_difference(item_scores(ours), item_scores(base), "kld_mean")
+    base_kl, our_kl = base.evaluation.kld.mean, ours.evaluation.kld.mean
+    quantization = ours.quantization.model_dump()
+    return {
+        "preset": preset,
+        "preset_bytes": base.artifact.bytes,
+        "budget_bytes": ours.artifact.bytes,
+        "preset_bpw": base.artifact.bits_per_weight,
+        "budget_bpw": ours.artifact.bits_per_weight,
+        "preset_kl": base_kl,
+        "budget_kl": our_kl,
+        "ratio": our_kl / base_kl,
+        "difference": difference.as_dict(),
+        "preset_ppl": base.evaluation.perplexity.compressed,
+        "budget_ppl": ours.evaluation.perplexity.compressed,
+        "predicted_kl": quantization["allocation"]["predicted_kl"],
+        "types": quantization["type_mix"],
+        "preset_types": base.quantization.model_dump()["type_mix"],
+        "seconds": {stage: ours.timings_s.get(stage) for stage in ("sensitivity", "allocate")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
+    parser.add_argument("--train", type=int, default=0, help="train bench_gptq's small Llama this many steps")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers of the trained Llama")
+    parser.add_argument("--presets", default="Q4_K_M,Q3_K_M,IQ4_XS")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-budget-"))
+    model = args.model
+    if args.train:
+        from bench_gptq import train_small_llama
+
+        folder = out / "trained-llama"
+        if not (folder / "config.json").exists():
+            train_small_llama(folder, args.train, layers=args.layers)
+        model = str(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run(model, out, args.presets.split(","), args)
+    table = Table(title=f"--budget-mb at each preset's bytes ({model or 'SmolLM2-135M'})")
+    for column in ("preset", "bytes preset / ours", "bpw preset / ours", "mean KL preset", "mean KL ours", "ratio",
+                   "paired 95% interval of ours - preset", "ppl preset / ours"):  # fmt: skip
+        table.add_column(column)
+    for row in rows:
+        interval = row["difference"]
+        table.add_row(
+            row["preset"],
+            f"{row['preset_bytes']:,} / {row['budget_bytes']:,}",
+            f"{row['preset_bpw']:.3f} / {row['budget_bpw']:.3f}",
+            f"{row['preset_kl']:.4f}",
+            f"{row['budget_kl']:.4f}",
+            f"{row['ratio']:.3f}",
+            f"[{interval['low']:+.4f}, {interval['high']:+.4f}]{' *' if interval['significant'] else ''}",
+            f"{row['preset_ppl']:.2f} / {row['budget_ppl']:.2f}",
+        )
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

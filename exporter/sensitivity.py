@@ -1,0 +1,149 @@
+"""How much each weight matrix's rounding costs the model's output: measured, one matrix at a time.
+
+For a byte budget, the allocator needs to know what a given error in one tensor does to the whole
+model's predictions. For every weight matrix (each decoder linear, the token embedding and an untied
+head) this rounds that matrix alone with a probe (symmetric 4-bit blocks of 32, a stand-in for any
+block quantizer), runs the model from that layer on, and records the mean KL(model || probed model)
+over the calibration tokens, per unit of the probe's relative error (srcr.base.allocation.relative_error,
+weighted by the importance matrix). A target multiplies that by each candidate type's own relative
+error to predict its cost, the usual assumption that small errors in different tensors add up.
+
+Each layer's inputs are cached from one clean pass, so probing a matrix of layer l runs layers l..L
+and the head only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from srcr.base.allocation import relative_error
+from srcr.base.errors import SrcrError
+from srcr.base.placement import placed
+from srcr.base.progress import ProgressFn, no_progress
+from srcr.exporter.pruning.driver import capture_layer_inputs, decoder_layers, inference_setup, module_names, run_layer
+
+# Calibration tokens the probes are scored on: the first windows of the calibration set, cut to this.
+DEFAULT_TOKENS = 512
+PROBE_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    kl_per_error: float  # mean KL per unit of relative (importance-weighted) error
+    probe_kl: float
+    probe_error: float
+
+
+def probe(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric 4-bit rounding in blocks of 32 along each row (absmax scale): what any 4-bit block type
+    does to a matrix, in kind. Rows whose width is not a multiple of 32 get one block per row."""
+    rows, columns = weight.shape
+    block = PROBE_BLOCK if columns % PROBE_BLOCK == 0 else columns
+    blocks = weight.reshape(rows, columns // block, block)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / 7
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.clamp(torch.round(blocks / scale), -8, 7) * scale).reshape(rows, columns)
+
+
+def _head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+    base = getattr(model, "model", None)
+    norm, head = getattr(base, "norm", None), model.get_output_embeddings()
+    if norm is None or head is None:
+        raise SrcrError(f"--budget needs the final norm and head of {type(model).__name__}; use --bits or --quant-type")
+    return norm, head, getattr(model.config, "final_logit_softcapping", None)
+
+
+def _log_probs(norm: nn.Module, head: nn.Module, softcap: float | None, hidden: torch.Tensor) -> torch.Tensor:
+    logits = head(norm(hidden)).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    imatrix: Mapping[str, np.ndarray] | None,
+    device: str = "cpu",
+    tokens: int = DEFAULT_TOKENS,
+    progress: ProgressFn = no_progress,
+) -> dict[str, Sensitivity]:
+    """Sensitivity of every weight matrix of `model` (Hugging Face weight names), on at most `tokens`
+    calibration tokens. The model is run in float32 and left exactly as it was."""
+    ids = _windows(calib_ids, tokens)
+    target = torch.device(device)
+    imatrix = imatrix or {}
+    with torch.no_grad(), inference_setup(model), placed(model, target, torch.float32):
+        layers = decoder_layers(model)
+        names = module_names(model, layers)
+        norm, head, softcap = _head(model)
+        hidden, layer_kwargs = capture_layer_inputs(model, layers, ids, target)
+        states = [hidden]
+        for index, layer in enumerate(layers):
+            states.append(run_layer(layer, states[-1], layer_kwargs[index]))
+        reference = _log_probs(norm, head, softcap, states[-1])
+
+        def kl_from(index: int) -> float:
+            hidden = states[index]
+            for later in range(index, len(layers)):
+                hidden = run_layer(layers[later], hidden, layer_kwargs[later])
+            return _mean_kl(reference, _log_probs(norm, head, softcap, hidden))
+
+        matrices = [
+            (index, f"{names[index]}.{name}.weight", module)
+            for index, layer in enumerate(layers)
+            for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear)
+        ]
+        embedding = model.get_input_embeddings()
+        tied = embedding.weight is head.weight
+        total = len(matrices) + 1 + (0 if tied else 1)
+        sensitivities: dict[str, Sensitivity] = {}
+        for done, (index, name, module) in enumerate(matrices):
+            sensitivities[name] = _probed(module.weight, imatrix.get(name), lambda index=index: kl_from(index))
+            progress(f"sensitivity {done + 1}/{total}", done + 1, total)
+
+        def kl_of_all() -> float:
+            first, kwargs = capture_layer_inputs(model, layers, ids, target)
+            hidden = first
+            for index, layer in enumerate(layers):
+                hidden = run_layer(layer, hidden, kwargs[index])
+            return _mean_kl(reference, _log_probs(norm, head, softcap, hidden))
+
+        names_of = {id(parameter): name for name, parameter in model.named_parameters()}  # a tied one: its first name
+        sensitivities[names_of[id(embedding.weight)]] = _probed(embedding.weight, None, kl_of_all)
+        if not tied:
+            sensitivities[names_of[id(head.weight)]] = _probed(
+                head.weight, None, lambda: _mean_kl(reference, _log_probs(norm, head, softcap, states[-1]))
+            )
+        progress(f"sensitivity {total}/{total}", total, total)
+    return sensitivities
+
+
+def _probed(weight: nn.Parameter, importance: np.ndarray | None, kl: callable) -> Sensitivity:
+    original = weight.data.clone()
+    rounded = probe(original)
+    error = relative_error(original.cpu().numpy(), rounded.cpu().numpy(), importance)
+    weight.data.copy_(rounded)
+    try:
+        probe_kl = kl()
+    finally:
+        weight.data.copy_(original)
+    return Sensitivity(kl_per_error=probe_kl / error if error > 0 else 0.0, probe_kl=probe_kl, probe_error=error)
+
+
+def _mean_kl(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    return float((reference.exp() * (reference - candidate)).sum(-1).mean())
+
+
+def _windows(calib_ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The first calibration windows, as many whole ones as `tokens` allows (at least one, cut to it)."""
+    per_window = calib_ids.shape[1]
+    if per_window >= tokens:
+        return calib_ids[:1, :tokens]
+    return calib_ids[: max(1, tokens // per_window)]

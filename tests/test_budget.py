@@ -1,0 +1,222 @@
+"""--budget-mb / --budget-bpw: llama.cpp's own rounding per type, the allocator, the sensitivities, the file."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from test_gguf_helpers import sample_tokens, tiny_llama
+from typer.testing import CliRunner
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+torch = pytest.importorskip("torch")
+
+from srcr.base.allocation import Option, allocate, relative_error  # noqa: E402
+from srcr.base.errors import SrcrError  # noqa: E402
+from srcr.exporter.cli import app  # noqa: E402
+from srcr.exporter.sensitivity import measure_sensitivity, probe  # noqa: E402
+from srcr.targets.gguf.quantize import quantize_gguf  # noqa: E402
+from srcr.targets.gguf.roundtrip import roundtrip, tensor_bytes  # noqa: E402
+from srcr.targets.gguf.target import GGUFTarget  # noqa: E402
+
+runner = CliRunner()
+
+
+TYPES = ["Q2_K", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "IQ4_NL", "Q5_0", "Q5_1", "Q8_0"]
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_roundtrip_is_what_llama_cpp_writes_into_the_file(wide_llama_f32, tmp_path, type_name):
+    """Oracle: llama-quantize's file for one pinned tensor, decoded by gguf-py's own numpy dequantizer."""
+    source, imatrix = wide_llama_f32
+    name = "blk.1.ffn_up.weight"
+    quantized = tmp_path / "one.gguf"
+    quantize_gguf(source, quantized, "Q8_0", imatrix, pure=True, keep={name: type_name})
+    written = next(t for t in gguf.GGUFReader(quantized).tensors if t.name == name)
+    assert written.tensor_type.name == type_name
+    from_file = gguf.quants.dequantize(np.asarray(written.data), written.tensor_type).reshape(-1, 256)
+    weight = next(t for t in gguf.GGUFReader(source).tensors if t.name == name).data.reshape(-1, 256)
+    ours = roundtrip(np.asarray(weight), type_name, imatrix[name])
+    np.testing.assert_allclose(ours, from_file, rtol=0, atol=1e-6)
+    assert int(written.n_bytes) == tensor_bytes(type_name, *ours.shape)
+
+
+def test_relative_error_is_the_output_error_under_uncorrelated_inputs():
+    """Oracle: inputs X built with X Xᵀ / n = diag(w) exactly; then ‖ΔW X‖² / ‖W X‖² is the weighted ratio."""
+    generator = np.random.default_rng(0)
+    rows, columns, n = 6, 8, 32
+    importance = generator.uniform(0.1, 3.0, columns)
+    orthonormal, _ = np.linalg.qr(generator.standard_normal((n, columns)))  # columns orthonormal: Qᵀ Q = I
+    inputs = np.sqrt(n) * np.sqrt(importance)[:, None] * orthonormal.T
+    weight = generator.standard_normal((rows, columns))
+    approximation = weight + 0.1 * generator.standard_normal((rows, columns))
+    expected = np.square((weight - approximation) @ inputs).sum() / np.square(weight @ inputs).sum()
+    assert relative_error(weight, approximation, importance) == pytest.approx(expected, rel=1e-9)
+
+
+def _brute_force(options: dict[str, list[Option]], budget: int) -> float:
+    best = np.inf
+    for combo in itertools.product(*options.values()):
+        if sum(option.bytes for option in combo) <= budget:
+            best = min(best, sum(option.cost for option in combo))
+    return best
+
+
+def _random_options(generator: np.random.Generator) -> dict[str, list[Option]]:
+    options = {}
+    for tensor in range(4):
+        sizes = np.sort(generator.choice(np.arange(10, 200), 4, replace=False))
+        costs = np.sort(generator.uniform(0, 10, 4))[::-1]  # more bytes, less loss (mostly off any hull)
+        pairs = enumerate(zip(sizes, costs, strict=True))
+        options[f"t{tensor}"] = [Option(f"o{i}", int(b), float(c)) for i, (b, c) in pairs]
+    return options
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocation_fits_and_is_near_the_exhaustive_optimum(seed):
+    generator = np.random.default_rng(seed)
+    options = _random_options(generator)
+    smallest = sum(min(o.bytes for o in choices) for choices in options.values())
+    largest = sum(max(o.bytes for o in choices) for choices in options.values())
+    gaps = []
+    for budget in np.linspace(smallest, largest, 9).astype(int):
+        chosen = allocate(options, int(budget))
+        assert set(chosen) == set(options)
+        assert all(option in options[name] for name, option in chosen.items())
+        assert sum(option.bytes for option in chosen.values()) <= budget
+        optimum = _brute_force(options, int(budget))
+        cost = sum(option.cost for option in chosen.values())
+        assert cost >= optimum - 1e-9
+        gaps.append(cost - optimum)
+    # Greedy on the hulls is exact at its breakpoints and at both ends; between them it stays close.
+    assert gaps[0] == pytest.approx(0) and gaps[-1] == pytest.approx(0)
+    assert np.mean(gaps) < 1.0
+
+
+def test_allocation_refuses_a_budget_below_the_smallest_choice():
+    options = {"a": [Option("small", 10, 5.0), Option("big", 20, 1.0)]}
+    with pytest.raises(SrcrError, match="smallest allocation takes 10"):
+        allocate(options, 9)
+
+
+def test_probe_kl_is_the_kl_of_the_model_with_that_matrix_alone_rounded(small_vocab_tokenizer):
+    """Oracle: the whole Hugging Face forward with one matrix replaced by its probe rounding."""
+    import copy
+
+    model = tiny_llama(small_vocab_tokenizer, hidden=64, intermediate=128, num_hidden_layers=3)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = torch.tensor([sample_tokens(small_vocab_tokenizer)[:96]])
+    measured = measure_sensitivity(model, ids, None)
+    for name, module_name in [
+        ("model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj"),
+        ("model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.v_proj"),
+        ("model.embed_tokens.weight", "model.embed_tokens"),
+    ]:
+        changed = copy.deepcopy(model)
+        module = changed.get_submodule(module_name)
+        with torch.no_grad():
+            module.weight.copy_(probe(module.weight))
+            reference = torch.log_softmax(model(ids).logits[0].float(), -1)
+            candidate = torch.log_softmax(changed(ids).logits[0].float(), -1)
+        expected = float((reference.exp() * (reference - candidate)).sum(-1).mean())
+        assert measured[name].probe_kl == pytest.approx(expected, rel=1e-3, abs=1e-7)
+        assert measured[name].probe_kl > 0
+    assert set(measured) == {n for n, p in model.named_parameters() if p.dim() == 2}
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("bits", "quant_type", "options", "fragment"),
+    [
+        (4, None, {"budget_mb": 10.0}, "drop --bits"),
+        (None, "Q4_K_M", {"budget_mb": 10.0}, "drop --bits"),
+        (None, None, {"budget_mb": 10.0, "budget_bpw": 4.0}, "not both"),
+        (None, None, {"budget_bpw": 1.0}, "2 to 8.5"),
+        (None, None, {"budget_mb": -1.0}, "must be positive"),
+        (None, None, {"budget_mb": 10.0, "quantizer": "gptq"}, "drop --quantizer"),
+        (None, None, {"budget_mb": 10.0, "pure": True}, "drop --quantizer / --pure"),
+    ],
+)
+def test_budget_requests_that_contradict_themselves_are_refused(bits, quant_type, options, fragment):
+    with pytest.raises(SrcrError, match=fragment.replace("(", r"\(")):
+        GGUFTarget().resolve_quant(bits, quant_type, options)
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory, smollm_tokenizer):
+    """A saved 256-wide random Llama with SmolLM2's tokenizer, for the CLI."""
+    folder = tmp_path_factory.mktemp("wide-llama")
+    tiny_llama(smollm_tokenizer, hidden=256, intermediate=512).save_pretrained(folder, safe_serialization=True)
+    smollm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _export(model_dir, out, *flags):
+    args = ["export", "--model", str(model_dir), "--calib-samples", "2", "--seq-len", "64", "--no-eval"]
+    return runner.invoke(app, [*args, "--out", str(out), "--json", *flags])
+
+
+def test_budget_export_fits_and_writes_what_it_chose(wide_model_dir, tmp_path):
+    preset = _export(wide_model_dir, tmp_path / "preset", "--quant-type", "Q4_K_M")
+    assert preset.exit_code == 0, preset.output
+    preset_bytes = json.loads(preset.stdout)["artifact"]["bytes"]
+    manifests = {}
+    for label, budget in (("tight", preset_bytes * 0.85), ("preset", preset_bytes)):
+        result = _export(wide_model_dir, tmp_path / label, "--budget-mb", f"{budget / 1e6:.6f}")
+        assert result.exit_code == 0, result.output
+        manifest = json.loads(result.stdout)
+        path = tmp_path / label / manifest["artifact"]["file"]
+        assert path.stat().st_size == manifest["artifact"]["bytes"] <= budget
+        allocation = manifest["quantization"]["allocation"]
+        written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) >= 2}
+        assert written == allocation["tensors"]
+        assert manifest["quantization"]["type"].startswith("budget-")
+        assert manifest["recipe"]["quantize"]["budget_mb"] == pytest.approx(budget / 1e6, rel=1e-5)
+        assert manifest["recipe"]["quantize"]["bits"] is None
+        manifests[label] = manifest
+    tight, loose = (manifests[k]["quantization"]["allocation"] for k in ("tight", "preset"))
+    assert tight["predicted_kl"] >= loose["predicted_kl"]
+    assert len(set(tight["tensors"].values())) > 1  # a mix, not one type everywhere
+
+
+def test_budget_bpw_bounds_the_measured_bits_per_weight(wide_model_dir, tmp_path):
+    result = _export(wide_model_dir, tmp_path, "--budget-bpw", "4.25")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["artifact"]["bits_per_weight"] <= 4.25
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--budget-mb", "0.5"], "no GGUF of this model fits 0.50 MB"),
+        (["--budget-mb", "5", "--format", "onnx"], "do not apply to --format onnx"),
+        (["--budget-mb", "5", "--stream", "on"], "pass --stream off"),
+        (["--budget-mb", "5", "--bits", "4"], "drop --bits"),
+    ],
+)
+def test_budget_errors_are_one_line_and_leave_nothing(wide_model_dir, tmp_path, flags, fragment):
+    out = tmp_path / "out"
+    result = _export(wide_model_dir, out, *flags)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert fragment in " ".join(result.output.split())
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def test_a_sweep_recipe_with_a_budget_is_refused_before_any_work(tmp_path):
+    from srcr.exporter.recipe import Recipe, SweepStage
+    from srcr.exporter.sweep import sweep_plan
+
+    recipe = Recipe().merged({"quantize": {"budget_mb": 90.0}, "sweep": SweepStage().model_dump()})
+    with pytest.raises(SrcrError, match="srcr export --budget-mb"):
+        sweep_plan(recipe, tmp_path / "sweep", False)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_budget_is_a_recipe_field_the_flag_sets(wide_model_dir):
+    result = runner.invoke(app, ["export", "--model", str(wide_model_dir), "--budget-bpw", "4.5", "--print-recipe"])
+    assert result.exit_code == 0, result.output
+    assert "budget_bpw = 4.5" in result.stdout
