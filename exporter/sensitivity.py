@@ -14,7 +14,7 @@ and the head only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +125,7 @@ def measure_sensitivity(
     return sensitivities
 
 
-def _probed(weight: nn.Parameter, importance: np.ndarray | None, kl: callable) -> Sensitivity:
+def _probed(weight: nn.Parameter, importance: np.ndarray | None, kl: Callable[[], float]) -> Sensitivity:
     original = weight.data.clone()
     rounded = probe(original)
     error = relative_error(original.cpu().numpy(), rounded.cpu().numpy(), importance)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import gguf
 import llama_cpp
+import numpy as np
 
 from srcr.base.child import run_in_child
 from srcr.base.errors import SrcrError
@@ -313,7 +314,7 @@ def _allocate(
     spec: QuantSpec,
     sensitivity: Mapping[str, float],
     names: Mapping[str, str],
-    imatrix: Mapping[str, object],
+    imatrix: Mapping[str, np.ndarray],
     progress: ProgressFn,
 ) -> Allocation:
     reader = gguf.GGUFReader(full_precision)
@@ -323,7 +324,7 @@ def _allocate(
     else:
         budget = int(float(spec.options["budget_mb"]) * 1e6)  # type: ignore[arg-type]
     by_gguf_name = {names[name]: value for name, value in sensitivity.items() if name in names}
-    return allocate_types(reader, file_bytes, budget, by_gguf_name, imatrix, progress)  # type: ignore[arg-type]
+    return allocate_types(reader, file_bytes, budget, by_gguf_name, imatrix, progress)
 
 
 def check_written_as_allocated(reader: gguf.GGUFReader, allocation: Allocation, file_bytes: int) -> None:
