@@ -57,6 +57,34 @@ def round_with_llama_cpp(model, imatrix: dict, with_imatrix: bool, promote: bool
             module.weight.data.copy_(rounded)
 
 
+def joint_on_unrounded_inputs(dense, calibration: torch.Tensor, sparsity: float):
+    """The joint SparseGPT + GPTQ solve of every layer, each calibrated on the inputs SparseGPT alone gives
+    it (pruned, unrounded predecessors) instead of the inputs of its rounded predecessors: the test of
+    whether the joint pass loses by fitting layers to error that is already there."""
+    from srcr.exporter.pruning.driver import (
+        calibrate_layer,
+        capture_layer_inputs,
+        decoder_layers,
+        inference_setup,
+        run_layer,  # noqa: I001
+    )
+    from srcr.exporter.pruning.registry import method_class
+
+    joint, shadow = copy.deepcopy(dense), copy.deepcopy(dense)
+    plain_spec = PruneSpec(method="sparsegpt", sparsity=sparsity)
+    joint_spec = PruneSpec(method="sparsegpt", sparsity=sparsity, grid="Q4_0")
+    method = method_class("sparsegpt")
+    layers, shadow_layers = decoder_layers(joint), decoder_layers(shadow)
+    with torch.no_grad(), inference_setup(joint), inference_setup(shadow):
+        inputs, layer_kwargs = capture_layer_inputs(shadow, shadow_layers, calibration, torch.device("cpu"))
+        for index in range(len(layers)):
+            for spec, layer in ((plain_spec, shadow_layers[index]), (joint_spec, layers[index])):
+                for group in calibrate_layer(layer, inputs, layer_kwargs[index], spec, method):
+                    group.method.prune()
+            inputs = run_layer(shadow_layers[index], inputs, layer_kwargs[index])
+    return joint
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=16)
@@ -64,6 +92,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--skip-joint", action="store_true", help="leave out the joint pass (minutes)")
+    parser.add_argument(
+        "--unrounded-inputs", action="store_true", help="also: the joint solve fed SparseGPT-only layer inputs"
+    )
     args = parser.parse_args()
     loaded = load_weights(open_source(None))
     dense = loaded.model.float().eval()
@@ -88,6 +119,10 @@ def main() -> None:
         joint = copy.deepcopy(dense)
         prune_model(joint, calibration, PruneSpec(method="sparsegpt", sparsity=args.sparsity, grid="Q4_0"))
         results["joint SparseGPT + GPTQ Q4_0"] = mean_kl(dense, joint, windows)
+        del joint
+    if args.unrounded_inputs:
+        joint = joint_on_unrounded_inputs(dense, calibration, args.sparsity)
+        results["joint SparseGPT + GPTQ Q4_0, each layer fed SparseGPT-only inputs"] = mean_kl(dense, joint, windows)
     print(f"\n{args.samples} x {args.seq_len} calibration tokens, {args.windows} x 512 tokens of lee.cor")
     print("| decoder linears | mean KL to the dense model |\n|---|---|")
     for label, value in results.items():
