@@ -93,12 +93,16 @@ def smallest_bytes(rows: int, columns: int, has_imatrix: bool = True) -> int:
     return min(sizes)
 
 
-def tensor_budget(reader: gguf.GGUFReader, file_bytes: int, budget_bytes: int) -> int:
-    """The bytes the weight matrices may take: the budget less everything else the file holds (header,
-    vocabulary, 1-D tensors, as in the unrounded file) and the worst-case alignment padding."""
+def _fixed_bytes(reader: gguf.GGUFReader, file_bytes: int) -> int:
+    """Everything but the weight matrices' data (header, vocabulary, 1-D tensors, as in the unrounded file),
+    plus the worst-case alignment padding of the matrices."""
     matrices = weight_matrices(reader)
-    other = file_bytes - sum(int(tensor.n_bytes) for tensor in matrices)
-    return budget_bytes - other - ALIGNMENT * len(matrices)
+    return file_bytes - sum(int(tensor.n_bytes) for tensor in matrices) + ALIGNMENT * len(matrices)
+
+
+def tensor_budget(reader: gguf.GGUFReader, file_bytes: int, budget_bytes: int) -> int:
+    """The bytes the weight matrices may take within `budget_bytes` for the whole file."""
+    return budget_bytes - _fixed_bytes(reader, file_bytes)
 
 
 def allocate_types(
@@ -144,7 +148,5 @@ def allocate_types(
 def budget_from_bpw(reader: gguf.GGUFReader, file_bytes: int, bits_per_weight: float) -> int:
     """The whole-file budget that gives the weight matrices `bits_per_weight` on average (srcr's measure of
     bits per weight: storage of the 2-D tensors over their weights)."""
-    matrices = weight_matrices(reader)
-    n_weights = sum(int(tensor.n_elements) for tensor in matrices)
-    other = file_bytes - sum(int(tensor.n_bytes) for tensor in matrices)
-    return int(bits_per_weight * n_weights / 8) + other + ALIGNMENT * len(matrices)
+    n_weights = sum(int(tensor.n_elements) for tensor in weight_matrices(reader))
+    return int(bits_per_weight * n_weights / 8) + _fixed_bytes(reader, file_bytes)

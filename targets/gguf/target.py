@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 # Options resolve_quant accepts; `pure` turns off llama.cpp's per-tensor K-quant mix, `quantizer` picks
 # who rounds the decoder's weight matrices: llama.cpp (default) or srcr's GPTQ.
 _OPTIONS = ("pure", "quantizer", *BUDGET_OPTIONS)
-BUDGETS = BUDGET_OPTIONS
 UNQUANTIZED = ("F32", "F16", "BF16")
 QUANTIZERS = ("llama.cpp", "gptq")
 # --bits -> the type srcr's GPTQ writes: the legacy block types, whose 32-weight blocks fit any row of a
@@ -71,7 +70,7 @@ class GGUFTarget:
         quantizer = str(options.get("quantizer", "llama.cpp"))
         if quantizer not in QUANTIZERS:
             raise SrcrError(f"unknown --quantizer {quantizer!r} for GGUF; choose {' or '.join(QUANTIZERS)}")
-        if any(key in options for key in BUDGETS):
+        if any(key in options for key in BUDGET_OPTIONS):
             return _resolve_budget(bits, quant_type, options)
         if quantizer == "gptq":
             return _resolve_gptq(bits, quant_type, options)
@@ -107,7 +106,7 @@ class GGUFTarget:
             )
 
     def width_multiple(self, spec: QuantSpec) -> int:
-        return 32 if is_budget(spec) else block_width(spec.quant_type)
+        return 32 if spec.allocates else block_width(spec.quant_type)
 
     def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:
         if writes_itself(config):
@@ -159,7 +158,7 @@ class GGUFTarget:
         sensitivity: Mapping[str, float] | None = None,
     ) -> ExportResult:
         out = Path(out)
-        if is_budget(spec) and not sensitivity:
+        if spec.allocates and not sensitivity:
             raise SrcrError("a --budget export needs the sensitivities measured on the calibration data; none came")
         codes = dict(codes or {})
         if spec.grid is not None and not codes:
@@ -201,7 +200,7 @@ class GGUFTarget:
                 pure = bool(spec.options.get("pure", False))
                 stage_seconds["convert"] = time.perf_counter() - started
                 started = time.perf_counter()
-                if is_budget(spec):
+                if spec.allocates:
                     progress("choose a type per tensor", 1, steps)
                     allocation = _allocate(full_precision, spec, sensitivity or {}, names, gguf_imatrix, progress)
                     keep, ftype, pure = dict(allocation.types), BUDGET_BASE_TYPE, True
@@ -275,17 +274,13 @@ class GGUFTarget:
         return QuantSpec(format=self.name, bits=16, quant_type=_LOSSLESS.get(dtype, "F32"), options={})
 
 
-def is_budget(spec: QuantSpec) -> bool:
-    return spec.allocates
-
-
 # The file type llama.cpp is asked for when srcr pins every matrix's type: only 1-D tensors and matrices
 # without an override would take it, and with `pure` nothing overrides srcr's choice.
 BUDGET_BASE_TYPE = "Q8_0"
 
 
 def _resolve_budget(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
-    given = [key for key in BUDGETS if key in options]
+    given = [key for key in BUDGET_OPTIONS if key in options]
     if len(given) > 1:
         raise SrcrError("pass --budget-mb or --budget-bpw, not both")
     if bits is not None or quant_type is not None:
