@@ -636,11 +636,10 @@ def write_export(
 
 
 def sensitivity_stage(pruned: PrunedModel, plan: Plan, progress: ProgressFn) -> dict[str, float]:
-    """Mean KL per unit of relative error of every weight matrix of the pruned model (exporter/sensitivity.py)."""
+    """Mean KL per unit of relative error of every weight matrix of the pruned model (exporter/sensitivity.py);
+    in memory: make_plan refuses a budget for a streamed export."""
     from srcr.exporter.sensitivity import measure_sensitivity
 
-    if pruned.streamed:
-        raise SrcrError("--budget-mb / --budget-bpw measure the model in memory; pass --stream off")
     measured = measure_sensitivity(
         pruned.loaded.model, pruned.calibration.input_ids, pruned.report.imatrix, plan.device, progress=progress
     )

@@ -324,12 +324,12 @@ def _allocate(
 
 def check_written_as_allocated(reader: gguf.GGUFReader, allocation: Allocation, file_bytes: int) -> None:
     """llama.cpp wrote every matrix in the type srcr chose, and the file fits the budget."""
-    found = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
-    changed = sorted(name for name, type_name in allocation.types.items() if found.get(name) != type_name)
+    changed = not_written_as_pinned(reader, allocation.types)
     if changed:
+        name, written = next(iter(changed.items()))
         raise SrcrError(
-            f"llama.cpp did not write {len(changed)} tensors in the type chosen for them (e.g. {changed[0]}: "
-            f"{allocation.types[changed[0]]} asked, {found.get(changed[0])} written); report this with the model"
+            f"llama.cpp did not write {len(changed)} tensors in the type chosen for them (e.g. {name}: "
+            f"{allocation.types[name]} asked, {written} written); report this with the model"
         )
     if file_bytes > allocation.budget_bytes:
         raise SrcrError(
@@ -387,17 +387,22 @@ def convert(
     return convert_with_llama_cpp(model, tokenizer, out, file_type, hints, folder)
 
 
+def not_written_as_pinned(reader: gguf.GGUFReader, pinned: Mapping[str, str]) -> dict[str, str | None]:
+    """{name: type written (None: absent)} of the tensors the file does not hold in their pinned type, by name."""
+    found = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+    return {name: found.get(name) for name, type_name in sorted(pinned.items()) if found.get(name) != type_name}
+
+
 def check_written_as_solved(reader: gguf.GGUFReader, solved: Mapping[str, str]) -> dict[str, str]:
     """Confirm llama.cpp copied every GPTQ tensor (name -> type) unchanged (it copies a tensor already of
     the type it is pinned to); return {name: type} of the weight matrices it quantized itself."""
     if not solved:
         return {}
-    found = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
-    changed = sorted(name for name, type_name in solved.items() if found.get(name) != type_name)
+    changed = not_written_as_pinned(reader, solved)
     if changed:
         raise SrcrError(
-            f"llama.cpp re-quantized {len(changed)} GPTQ tensors (e.g. {changed[0]}); use --quantizer llama.cpp "
-            "for this type"
+            f"llama.cpp re-quantized {len(changed)} GPTQ tensors (e.g. {next(iter(changed))}); use --quantizer "
+            "llama.cpp for this type"
         )
     return {
         tensor.name: tensor.tensor_type.name
