@@ -8,6 +8,7 @@ ratio and the paired 95% interval of the difference over the evaluation windows 
     python bench/bench_budget.py                          # SmolLM2 (flattered: its weights are Q4_1 values)
     python bench/bench_budget.py --train 400              # a small Llama trained here first, never quantized
     python bench/bench_budget.py --model DIR [--presets Q4_K_M,IQ4_XS] [--json out.json]
+    python bench/bench_budget.py --format onnx --model DIR  # per-layer MatMulNBits widths vs uniform ones
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +32,11 @@ from srcr.evaluators.uncertainty import paired_difference  # noqa: E402
 from srcr.exporter.manifest import item_scores  # noqa: E402
 
 console = Console(stderr=True)
+# Whole-model types to match in bytes: llama.cpp's presets; for ONNX, uniform MatMulNBits widths (srcr's wls).
+DEFAULT_PRESETS = {
+    "gguf": "Q4_K_M,Q3_K_M,IQ4_XS",
+    "onnx": "MatMulNBits-q4-wls-b32,MatMulNBits-q4-wls-b64,MatMulNBits-q2-wls-b32",
+}
 
 
 def run(model: str | None, out: Path, presets: list[str], args: argparse.Namespace) -> list[dict]:
@@ -41,6 +48,7 @@ def run(model: str | None, out: Path, presets: list[str], args: argparse.Namespa
     recipe = Recipe().merged(
         {
             "model": {"source": model, "stream": "off"},
+            "export": {"format": args.format},
             "calibration": {"samples": args.calib_samples, "seq_len": args.seq_len},
             "evaluate": {"windows": args.windows},
         }
@@ -96,8 +104,8 @@ def _row(preset: str, base, ours) -> dict:
         "preset_ppl": base.evaluation.perplexity.compressed,
         "budget_ppl": ours.evaluation.perplexity.compressed,
         "predicted_kl": quantization["allocation"]["predicted_kl"],
-        "types": quantization["type_mix"],
-        "preset_types": base.quantization.model_dump()["type_mix"],
+        "types": dict(Counter(quantization["allocation"]["tensors"].values())),
+        "preset_types": base.quantization.model_dump().get("type_mix"),
         "seconds": {stage: ours.timings_s.get(stage) for stage in ("sensitivity", "allocate")},
     }
 
@@ -107,7 +115,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
     parser.add_argument("--train", type=int, default=0, help="train bench_gptq's small Llama this many steps")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers of the trained Llama")
-    parser.add_argument("--presets", default="Q4_K_M,Q3_K_M,IQ4_XS")
+    parser.add_argument("--format", default="gguf", choices=("gguf", "onnx"))
+    parser.add_argument("--presets", default=None, help=f"default: {DEFAULT_PRESETS['gguf']} (GGUF), "
+                        f"{DEFAULT_PRESETS['onnx']} (ONNX)")  # fmt: skip
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
@@ -124,7 +134,7 @@ def main() -> None:
             train_small_llama(folder, args.train, layers=args.layers)
         model = str(folder)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run(model, out, args.presets.split(","), args)
+    rows = run(model, out, (args.presets or DEFAULT_PRESETS[args.format]).split(","), args)
     table = Table(title=f"--budget-mb at each preset's bytes ({model or 'SmolLM2-135M'})")
     for column in ("preset", "bytes preset / ours", "bpw preset / ours", "mean KL preset", "mean KL ours", "ratio",
                    "paired 95% interval of ours - preset", "ppl preset / ours"):  # fmt: skip

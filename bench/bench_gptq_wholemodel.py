@@ -8,7 +8,7 @@ in PyTorch, so what this measures is the solvers and the error they carry across
 format. Mean KL(dense || candidate) over windows of lee.cor, in PyTorch. SmolLM2's weights carry Q4_1
 rounding (relative figures only).
 
-    python bench/bench_gptq_wholemodel.py [--samples 16] [--seq-len 512] [--windows 4]
+    python bench/bench_gptq_wholemodel.py [--samples 16] [--seq-len 512] [--windows 4] [--joint-percdamp 0.01,0.1]
 """
 
 from __future__ import annotations
@@ -95,6 +95,11 @@ def main() -> None:
     parser.add_argument(
         "--unrounded-inputs", action="store_true", help="also: the joint solve fed SparseGPT-only layer inputs"
     )
+    parser.add_argument(
+        "--joint-percdamp",
+        default="0.01",
+        help="comma-separated Hessian dampenings (fractions of the mean diagonal) for the joint pass; 0.01 is srcr's",
+    )
     args = parser.parse_args()
     loaded = load_weights(open_source(None))
     dense = loaded.model.float().eval()
@@ -115,10 +120,11 @@ def main() -> None:
         round_with_llama_cpp(rounded, report.imatrix, with_imatrix, promote)
         results[f"+ llama.cpp Q4_0 {label}"] = mean_kl(dense, rounded, windows)
         del rounded
-    if not args.skip_joint:
+    for percdamp in [] if args.skip_joint else [float(value) for value in args.joint_percdamp.split(",")]:
         joint = copy.deepcopy(dense)
-        prune_model(joint, calibration, PruneSpec(method="sparsegpt", sparsity=args.sparsity, grid="Q4_0"))
-        results["joint SparseGPT + GPTQ Q4_0"] = mean_kl(dense, joint, windows)
+        spec = PruneSpec(method="sparsegpt", sparsity=args.sparsity, grid="Q4_0", percdamp=percdamp)
+        prune_model(joint, calibration, spec)
+        results[f"joint SparseGPT + GPTQ Q4_0, dampening {percdamp:g}"] = mean_kl(dense, joint, windows)
         del joint
     if args.unrounded_inputs:
         joint = joint_on_unrounded_inputs(dense, calibration, args.sparsity)

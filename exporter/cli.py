@@ -179,11 +179,12 @@ RECIPE_HELP = (
     "its artifact bit for bit on the same kind of machine; flags given beside it override its fields."
 )
 BUDGET_MB_HELP = (
-    "GGUF: make the file at most this many MB (10^6 bytes): srcr measures each weight matrix's sensitivity on "
-    "the calibration data and picks a llama.cpp type per matrix (K, IQ and legacy types) for the least predicted "
-    "KL; replaces --bits / --quant-type. The choice is in the manifest (quantization.allocation)."
+    "Make the file at most this many MB (10^6 bytes): srcr measures each weight matrix's sensitivity on the "
+    "calibration data and picks its storage for the least predicted KL: a llama.cpp type per matrix (GGUF: K, IQ "
+    "and legacy types), or MatMulNBits bits and block size per layer (ONNX); replaces --bits / --quant-type. "
+    "The choice is in the manifest (quantization.allocation)."
 )
-BUDGET_BPW_HELP = "GGUF: as --budget-mb, for this many bits per weight on average over the weight matrices."
+BUDGET_BPW_HELP = "As --budget-mb, for this many bits per weight on average over the weight matrices."
 PRINT_RECIPE_HELP = "Print the recipe the flags (and --recipe) describe, as TOML, and exit without running it."
 
 

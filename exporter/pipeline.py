@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srcr.base.allocation import KlCurve
 from srcr.base.compression import baseline_bytes, tcr
 from srcr.base.errors import SrcrError
 from srcr.base.files import (
@@ -635,15 +636,15 @@ def write_export(
     return manifest
 
 
-def sensitivity_stage(pruned: PrunedModel, plan: Plan, progress: ProgressFn) -> dict[str, float]:
-    """Mean KL per unit of relative error of every weight matrix of the pruned model (exporter/sensitivity.py);
-    in memory: make_plan refuses a budget for a streamed export."""
+def sensitivity_stage(pruned: PrunedModel, plan: Plan, progress: ProgressFn) -> dict[str, KlCurve]:
+    """The KL curve (predicted mean KL at a relative error) of every weight matrix of the pruned model
+    (exporter/sensitivity.py); in memory: make_plan refuses a budget for a streamed export."""
     from srcr.exporter.sensitivity import measure_sensitivity
 
     measured = measure_sensitivity(
         pruned.loaded.model, pruned.calibration.input_ids, pruned.report.imatrix, plan.device, progress=progress
     )
-    return {name: value.kl_per_error for name, value in measured.items()}
+    return {name: value.curve for name, value in measured.items()}
 
 
 def build_manifest(

@@ -2,11 +2,12 @@
 
 For a byte budget, the allocator needs to know what a given error in one tensor does to the whole
 model's predictions. For every weight matrix (each decoder linear, the token embedding and an untied
-head) this rounds that matrix alone with a probe (symmetric 4-bit blocks of 32, a stand-in for any
-block quantizer), runs the model from that layer on, and records the mean KL(model || probed model)
-over the calibration tokens, per unit of the probe's relative error (srcr.base.allocation.relative_error,
-weighted by the importance matrix). A target multiplies that by each candidate type's own relative
-error to predict its cost, the usual assumption that small errors in different tensors add up.
+head) this rounds that matrix alone with two probes (symmetric 4-bit and 2-bit blocks of 32, stand-ins
+for any block quantizer), runs the model from that layer on, and records the mean KL(model || probed
+model) over the calibration tokens against the probe's relative error (srcr.base.allocation.relative_error,
+weighted by the importance matrix). The two points give the tensor's KL curve (srcr.base.allocation.KlCurve:
+linear to the 4-bit probe, a power law beyond it); a target reads it at each candidate type's own relative
+error to predict its cost, with the usual assumption that the errors of different tensors add up.
 
 Each layer's inputs are cached from one clean pass, so probing a matrix of layer l runs layers l..L
 and the head only.
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from srcr.base.allocation import relative_error
+from srcr.base.allocation import KlCurve, relative_error
 from srcr.base.errors import SrcrError
 from srcr.base.placement import placed
 from srcr.base.progress import ProgressFn, no_progress
@@ -30,24 +31,34 @@ from srcr.exporter.pruning.driver import capture_layer_inputs, decoder_layers, i
 # Calibration tokens the probes are scored on: the first windows of the calibration set, cut to this.
 DEFAULT_TOKENS = 512
 PROBE_BLOCK = 32
+# The probes: 4 bits anchors the small-error (linear) range; 2 bits measures how fast the KL grows beyond.
+PROBE_BITS, COARSE_PROBE_BITS = 4, 2
 
 
 @dataclass(frozen=True)
 class Sensitivity:
-    kl_per_error: float  # mean KL per unit of relative (importance-weighted) error
+    kl_per_error: float  # mean KL per unit of relative (importance-weighted) error, at the 4-bit probe
     probe_kl: float
     probe_error: float
+    coarse_kl: float  # the same for the 2-bit probe
+    coarse_error: float
+
+    @property
+    def curve(self) -> KlCurve:
+        """Predicted mean KL at any relative error: linear to the 4-bit probe, a power law beyond."""
+        return KlCurve.through((self.probe_error, self.probe_kl), (self.coarse_error, self.coarse_kl))
 
 
-def probe(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric 4-bit rounding in blocks of 32 along each row (absmax scale): what any 4-bit block type
-    does to a matrix, in kind. Rows whose width is not a multiple of 32 get one block per row."""
+def probe(weight: torch.Tensor, bits: int = PROBE_BITS) -> torch.Tensor:
+    """Symmetric rounding to `bits` in blocks of 32 along each row (absmax scale): what any block type of
+    that width does to a matrix, in kind. Rows whose width is not a multiple of 32 get one block per row."""
     rows, columns = weight.shape
     block = PROBE_BLOCK if columns % PROBE_BLOCK == 0 else columns
     blocks = weight.reshape(rows, columns // block, block)
-    scale = blocks.abs().amax(dim=-1, keepdim=True) / 7
+    top = 2 ** (bits - 1) - 1
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / top
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.clamp(torch.round(blocks / scale), -8, 7) * scale).reshape(rows, columns)
+    return (torch.clamp(torch.round(blocks / scale), -top - 1, top) * scale).reshape(rows, columns)
 
 
 def _head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
@@ -127,14 +138,23 @@ def measure_sensitivity(
 
 def _probed(weight: nn.Parameter, importance: np.ndarray | None, kl: Callable[[], float]) -> Sensitivity:
     original = weight.data.clone()
-    rounded = probe(original)
-    error = relative_error(original.cpu().numpy(), rounded.cpu().numpy(), importance)
-    weight.data.copy_(rounded)
+    points = []  # (relative error, mean KL) of each probe
     try:
-        probe_kl = kl()
+        for bits in (PROBE_BITS, COARSE_PROBE_BITS):
+            rounded = probe(original, bits)
+            error = relative_error(original.cpu().numpy(), rounded.cpu().numpy(), importance)
+            weight.data.copy_(rounded)
+            points.append((error, kl()))
     finally:
         weight.data.copy_(original)
-    return Sensitivity(kl_per_error=probe_kl / error if error > 0 else 0.0, probe_kl=probe_kl, probe_error=error)
+    (error, probe_kl), (coarse_error, coarse_kl) = points
+    return Sensitivity(
+        kl_per_error=probe_kl / error if error > 0 else 0.0,
+        probe_kl=probe_kl,
+        probe_error=error,
+        coarse_kl=coarse_kl,
+        coarse_error=coarse_error,
+    )
 
 
 def _mean_kl(reference: torch.Tensor, candidate: torch.Tensor) -> float:

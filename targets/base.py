@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from srcr.base.allocation import KlCurve
+from srcr.base.errors import SrcrError
 from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.runtime import Runtime
@@ -34,6 +36,48 @@ Imatrix = Mapping[str, np.ndarray]
 
 # Options that ask the target to choose each tensor's storage itself, to fit a file size or bits per weight.
 BUDGET_OPTIONS = ("budget_mb", "budget_bpw")
+
+
+@dataclass(frozen=True)
+class BudgetRequest:
+    """--budget-mb N or --budget-bpw B, validated."""
+
+    key: str  # one of BUDGET_OPTIONS
+    value: float
+
+    @property
+    def quant_type(self) -> str:
+        """The spec's name for it, e.g. "budget-15.9MB" or "budget-4.5bpw"."""
+        return f"budget-{self.value:g}MB" if self.key == "budget_mb" else f"budget-{self.value:g}bpw"
+
+    @property
+    def nominal_bits(self) -> int:
+        """A whole bit-width to stand for the request until the allocation is made (the manifest takes the
+        measured bits per weight)."""
+        return max(2, min(8, round(self.value))) if self.key == "budget_bpw" else DEFAULT_BITS
+
+
+def budget_request(
+    bits: int | None, quant_type: str | None, options: Mapping[str, object], bpw_range: tuple[float, float], types: str
+) -> BudgetRequest:
+    """The one budget in `options`; SrcrError when it is malformed, out of `bpw_range` (what the format's
+    `types` span) or given beside --bits / --quant-type."""
+    given = [key for key in BUDGET_OPTIONS if options.get(key) is not None]
+    if len(given) > 1:
+        raise SrcrError("pass --budget-mb or --budget-bpw, not both")
+    if bits is not None or quant_type is not None:
+        raise SrcrError("a budget chooses the type of every tensor itself; drop --bits / --quant-type")
+    key = given[0]
+    try:
+        value = float(options[key])  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SrcrError(f"--{key.replace('_', '-')} takes a number, not {options[key]!r}") from None
+    low, high = bpw_range
+    if key == "budget_bpw" and not low <= value <= high:
+        raise SrcrError(f"--budget-bpw {value:g} is outside what {types} span here ({low:g} to {high:g} bits)")
+    if key == "budget_mb" and not value > 0:
+        raise SrcrError(f"--budget-mb must be positive, not {value:g}")
+    return BudgetRequest(key, value)
 
 
 @dataclass(frozen=True)
@@ -109,14 +153,14 @@ class Target(Protocol):
         progress: ProgressFn = no_progress,
         codes: Mapping[str, BlockCodes] | None = None,
         weights: TensorSource | None = None,
-        sensitivity: Mapping[str, float] | None = None,
+        sensitivity: Mapping[str, KlCurve] | None = None,
     ) -> ExportResult:
         """Write the artifact to `out` (the caller guarantees `out` is a fresh temporary path).
 
         `codes` (Hugging Face weight name -> codes and scales on `spec.grid`) are written as they are.
         With `weights` (only where `streams`), tensors are read from there one at a time and `model` is
-        a skeleton that gives the config and shapes. `sensitivity` (Hugging Face weight name -> mean KL per
-        unit of relative error, exporter/sensitivity.py) is given when `spec.allocates`.
+        a skeleton that gives the config and shapes. `sensitivity` (Hugging Face weight name -> its KL curve,
+        the predicted mean KL at a relative error, exporter/sensitivity.py) is given when `spec.allocates`.
         """
         ...
 

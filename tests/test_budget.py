@@ -14,7 +14,7 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 torch = pytest.importorskip("torch")
 
-from srcr.base.allocation import Option, allocate, relative_error  # noqa: E402
+from srcr.base.allocation import KlCurve, Option, allocate, relative_error  # noqa: E402
 from srcr.base.errors import SrcrError  # noqa: E402
 from srcr.exporter.cli import app  # noqa: E402
 from srcr.exporter.sensitivity import measure_sensitivity, probe  # noqa: E402
@@ -96,6 +96,30 @@ def test_allocation_fits_and_is_near_the_exhaustive_optimum(seed):
     assert np.mean(gaps) < 1.0
 
 
+def test_probe_levels_are_the_symmetric_grid_of_their_width():
+    weight = torch.tensor([[-1.0, -0.45, 0.2, 0.75] * 8])
+    for bits, levels in ((4, 16), (2, 4)):
+        rounded = probe(weight, bits)
+        top = 2 ** (bits - 1) - 1
+        codes = rounded / (weight.abs().max() / top)
+        assert torch.allclose(codes, codes.round()) and codes.min() >= -top - 1 and codes.max() <= top
+        assert len(set(codes.round().flatten().tolist())) <= levels
+    assert torch.allclose(probe(weight, 4)[0, :4], torch.tensor([-1.0, -3 / 7, 1 / 7, 5 / 7]))
+    assert torch.allclose(probe(weight, 2)[0, :4], torch.tensor([-1.0, -0.0, 0.0, 1.0]))
+
+
+def test_kl_curve_is_linear_to_the_mild_probe_and_a_power_law_through_the_coarse_one():
+    curve = KlCurve.through((0.01, 0.002), (0.1, 0.2))  # a tenfold error, a hundredfold KL: exponent 2
+    assert curve.exponent == pytest.approx(2.0)
+    assert curve(0.01) == pytest.approx(0.002) and curve(0.005) == pytest.approx(0.001)  # linear below
+    assert curve(0.1) == pytest.approx(0.2) and curve(0.05) == pytest.approx(0.002 * 25)
+    assert KlCurve.through((0.01, 0.002), (0.1, 0.5)).exponent == pytest.approx(2.0 + np.log10(2.5))
+    assert KlCurve.through((0.01, 0.002), (0.1, 1e6)).exponent == 3.0  # bounded: a noisy probe cannot explode it
+    assert KlCurve.through((0.01, 0.002), (0.1, 0.001)).exponent == 0.5  # nor make the curve fall
+    assert KlCurve.through((0.01, 0.002), None)(0.1) == pytest.approx(0.02)
+    assert KlCurve.through((0.0, 0.0), (0.1, 0.2))(0.5) == 0.0  # a matrix the probes do not move: free
+
+
 def test_allocation_refuses_a_budget_below_the_smallest_choice():
     options = {"a": [Option("small", 10, 5.0), Option("big", 20, 1.0)]}
     with pytest.raises(SrcrError, match="smallest allocation takes 10"):
@@ -115,15 +139,17 @@ def test_probe_kl_is_the_kl_of_the_model_with_that_matrix_alone_rounded(small_vo
         ("model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.v_proj"),
         ("model.embed_tokens.weight", "model.embed_tokens"),
     ]:
-        changed = copy.deepcopy(model)
-        module = changed.get_submodule(module_name)
-        with torch.no_grad():
-            module.weight.copy_(probe(module.weight))
-            reference = torch.log_softmax(model(ids).logits[0].float(), -1)
-            candidate = torch.log_softmax(changed(ids).logits[0].float(), -1)
-        expected = float((reference.exp() * (reference - candidate)).sum(-1).mean())
-        assert measured[name].probe_kl == pytest.approx(expected, rel=1e-3, abs=1e-7)
-        assert measured[name].probe_kl > 0
+        for bits, measured_kl in ((4, measured[name].probe_kl), (2, measured[name].coarse_kl)):
+            changed = copy.deepcopy(model)
+            module = changed.get_submodule(module_name)
+            with torch.no_grad():
+                module.weight.copy_(probe(module.weight, bits))
+                reference = torch.log_softmax(model(ids).logits[0].float(), -1)
+                candidate = torch.log_softmax(changed(ids).logits[0].float(), -1)
+            expected = float((reference.exp() * (reference - candidate)).sum(-1).mean())
+            assert measured_kl == pytest.approx(expected, rel=1e-3, abs=1e-7)
+            assert measured_kl > 0
+        assert measured[name].coarse_error > measured[name].probe_error
     assert set(measured) == {n for n, p in model.named_parameters() if p.dim() == 2}
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
@@ -192,7 +218,6 @@ def test_budget_bpw_bounds_the_measured_bits_per_weight(wide_model_dir, tmp_path
     ("flags", "fragment"),
     [
         (["--budget-mb", "0.5"], "no GGUF of this model fits 0.50 MB"),
-        (["--budget-mb", "5", "--format", "onnx"], "do not apply to --format onnx"),
         (["--budget-mb", "5", "--stream", "on"], "pass --stream off"),
         (["--budget-mb", "5", "--bits", "4"], "drop --bits"),
     ],

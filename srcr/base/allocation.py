@@ -3,15 +3,16 @@
 Pure arithmetic, shared by every target: a target lists each tensor's options (its bytes and predicted
 cost, e.g. mean KL), and `allocate` solves the multiple-choice knapsack by the Lagrangian walk along
 each tensor's lower convex hull (the cheapest loss per byte first), then spends what is left on the
-best single upgrades that still fit. The predicted cost of a tensor's option is its sensitivity (mean
-KL per unit of relative error, measured on the calibration data) times its relative error.
+best single upgrades that still fit. The predicted cost of a tensor's option is its KL curve (measured
+on the calibration data by two probes, `KlCurve`) at the option's relative error.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +24,86 @@ class Option:
     label: str  # the format's name for it, e.g. "Q4_K"
     bytes: int
     cost: float  # predicted loss (mean KL) this tensor adds when stored this way
+
+
+# Bounds on a KL curve's fitted exponent: a noisy coarse probe must not make the curve fall or explode.
+EXPONENT_RANGE = (0.5, 3.0)
+
+
+@dataclass(frozen=True)
+class KlCurve:
+    """A tensor's predicted mean KL as a function of its relative error, from two measured probes.
+
+    Linear up to the mild probe's error (small perturbations: the KL is quadratic in them, as the error
+    is), and beyond it a power law through the coarse probe: at 2 bits the KL grows faster than the
+    error (measured on a trained Llama: exponents 1.1-1.6, docs/results.md)."""
+
+    error: float  # the mild probe's relative error
+    kl: float  # the mean KL it measured
+    exponent: float = 1.0  # the power law's, through the coarse probe
+
+    @classmethod
+    def through(cls, mild: tuple[float, float], coarse: tuple[float, float] | None = None) -> KlCurve:
+        """The curve through (error, KL) of the mild probe and, when given and above it, the coarse one."""
+        error, kl = mild
+        exponent = 1.0
+        if coarse is not None and error > 0 and kl > 0 and coarse[0] > error and coarse[1] > 0:
+            low, high = EXPONENT_RANGE
+            exponent = min(high, max(low, math.log(coarse[1] / kl) / math.log(coarse[0] / error)))
+        return cls(error=error, kl=kl, exponent=exponent)
+
+    def __call__(self, error: float) -> float:
+        if self.error <= 0 or self.kl <= 0:
+            return 0.0
+        ratio = error / self.error
+        return self.kl * (ratio if ratio <= 1 else ratio**self.exponent)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The storage chosen for every weight matrix of one artifact, and what it was chosen against."""
+
+    types: dict[str, str]  # the format's tensor name -> its option's label (a ggml type, a MatMulNBits config)
+    budget_bytes: int  # the whole file's budget
+    tensor_budget: int  # what was left for the weight matrices after the header, vocabulary and other tensors
+    predicted_kl: float  # summed predicted mean KL (the model's, on the calibration tokens)
+    unmeasured: list[str] = field(default_factory=list)  # pinned to a safe option: no sensitivity was measured
+
+    def manifest_section(self) -> dict[str, object]:
+        return {
+            "budget_bytes": self.budget_bytes,
+            "tensor_budget_bytes": self.tensor_budget,
+            "predicted_kl": self.predicted_kl,
+            "tensors": dict(self.types),
+            "unmeasured": list(self.unmeasured),
+        }
+
+
+def allocate_file(
+    options: Mapping[str, Sequence[Option]],
+    pinned: Mapping[str, Option],
+    budget_bytes: int,
+    tensor_budget: int,
+    format_name: str,
+) -> Allocation:
+    """The least-loss choice for the tensors with `options` in what `tensor_budget` leaves after the `pinned`
+    ones; a SrcrError naming the smallest whole-file budget when even the smallest choices do not fit."""
+    left = tensor_budget - sum(option.bytes for option in pinned.values())
+    smallest = sum(min(option.bytes for option in choices) for choices in options.values())
+    if not options or left < smallest:
+        floor = budget_bytes - left + smallest
+        raise SrcrError(
+            f"no {format_name} of this model fits {budget_bytes / 1e6:.2f} MB: the smallest allocation takes "
+            f"{floor / 1e6:.2f} MB; raise --budget-mb (or --budget-bpw)"
+        )
+    chosen = allocate(options, left)
+    return Allocation(
+        types={**{name: option.label for name, option in chosen.items()}, **{n: o.label for n, o in pinned.items()}},
+        budget_bytes=budget_bytes,
+        tensor_budget=tensor_budget,
+        predicted_kl=sum(option.cost for option in chosen.values()),
+        unmeasured=sorted(pinned),
+    )
 
 
 def relative_error(weight: np.ndarray, approximation: np.ndarray, importance: np.ndarray | None) -> float:

@@ -4,19 +4,18 @@ Every weight matrix of the unrounded file may be stored in any type llama.cpp wr
 without falling back (the K and IQ types of 256-weight super-blocks, the legacy and IQ4_NL types of
 32-weight blocks, Q8_0). Each candidate is scored by the relative error of exactly the values llama.cpp
 would store (targets/gguf/roundtrip.py, with the importance matrix llama-quantize gets) times the
-tensor's sensitivity (exporter/sensitivity.py), and srcr.base.allocation picks the mix that fits.
+tensor's KL curve (exporter/sensitivity.py), and srcr.base.allocation picks the mix that fits.
 The file is then written by llama.cpp's quantizer with one tensor-type override per matrix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
 
-from srcr.base.allocation import Option, allocate, relative_error
+from srcr.base.allocation import Allocation, KlCurve, Option, allocate_file, relative_error
 from srcr.base.errors import SrcrError
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.targets.gguf.roundtrip import roundtrip, tensor_bytes, writable
@@ -29,24 +28,6 @@ CANDIDATES = ("Q2_K", "Q3_K", "IQ3_S", "Q4_0", "IQ4_NL", "IQ4_XS", "Q4_1", "Q4_K
 UNMEASURED_TYPE = "Q8_0"
 # GGUF aligns every tensor's data to 32 bytes: up to 31 bytes of padding each.
 ALIGNMENT = 32
-
-
-@dataclass(frozen=True)
-class Allocation:
-    types: dict[str, str]  # GGUF tensor name -> ggml type, every weight matrix of the file
-    budget_bytes: int  # the whole file's budget
-    tensor_budget: int  # what was left for the weight matrices after the header, vocabulary and 1-D tensors
-    predicted_kl: float  # summed predicted mean KL (the model's, on the calibration tokens)
-    unmeasured: list[str] = field(default_factory=list)
-
-    def manifest_section(self) -> dict[str, object]:
-        return {
-            "budget_bytes": self.budget_bytes,
-            "tensor_budget_bytes": self.tensor_budget,
-            "predicted_kl": self.predicted_kl,
-            "tensors": dict(self.types),
-            "unmeasured": list(self.unmeasured),
-        }
 
 
 def float_weights(tensor: gguf.ReaderTensor) -> np.ndarray:
@@ -70,7 +51,7 @@ def weight_matrices(reader: gguf.GGUFReader) -> list[gguf.ReaderTensor]:
 
 
 def tensor_options(
-    weight: np.ndarray, importance: np.ndarray | None, kl_per_error: float, candidates: tuple[str, ...] = CANDIDATES
+    weight: np.ndarray, importance: np.ndarray | None, curve: KlCurve, candidates: tuple[str, ...] = CANDIDATES
 ) -> list[Option]:
     """Every type llama.cpp can write this matrix in, with its bytes and predicted KL."""
     rows, columns = weight.shape
@@ -79,7 +60,7 @@ def tensor_options(
         if not writable(type_name, columns, importance is not None):
             continue
         error = relative_error(weight, roundtrip(weight, type_name, importance), importance)
-        options.append(Option(type_name, tensor_bytes(type_name, rows, columns), kl_per_error * error))
+        options.append(Option(type_name, tensor_bytes(type_name, rows, columns), curve(error)))
     if not options:
         raise SrcrError(f"llama.cpp writes no quantized type for rows of {columns} weights; use --quant-type F16")
     return options
@@ -109,7 +90,7 @@ def allocate_types(
     reader: gguf.GGUFReader,
     file_bytes: int,
     budget_bytes: int,
-    sensitivity: Mapping[str, float],
+    sensitivity: Mapping[str, KlCurve],
     imatrix: Mapping[str, np.ndarray],
     progress: ProgressFn = no_progress,
 ) -> Allocation:
@@ -127,22 +108,7 @@ def allocate_types(
             rows, columns = weight.shape
             pinned[tensor.name] = Option(UNMEASURED_TYPE, tensor_bytes(UNMEASURED_TYPE, rows, columns), 0.0)
         progress(f"score types {done + 1}/{len(matrices)}", done + 1, len(matrices))
-    left = available - sum(option.bytes for option in pinned.values())
-    smallest = sum(min(option.bytes for option in choices) for choices in options.values())
-    if not options or left < smallest:
-        floor = budget_bytes - left + smallest
-        raise SrcrError(
-            f"no GGUF of this model fits {budget_bytes / 1e6:.2f} MB: the smallest allocation takes "
-            f"{floor / 1e6:.2f} MB; raise --budget-mb (or --budget-bpw)"
-        )
-    chosen = allocate(options, left)
-    return Allocation(
-        types={**{name: option.label for name, option in chosen.items()}, **{n: o.label for n, o in pinned.items()}},
-        budget_bytes=budget_bytes,
-        tensor_budget=available,
-        predicted_kl=sum(option.cost for option in chosen.values()),
-        unmeasured=sorted(pinned),
-    )
+    return allocate_file(options, pinned, budget_bytes, available, "GGUF")
 
 
 def budget_from_bpw(reader: gguf.GGUFReader, file_bytes: int, bits_per_weight: float) -> int:

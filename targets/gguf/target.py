@@ -14,13 +14,14 @@ import gguf
 import llama_cpp
 import numpy as np
 
+from srcr.base.allocation import KlCurve
 from srcr.base.child import run_in_child
 from srcr.base.errors import SrcrError
 from srcr.base.files import temp_name
 from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.weights import SafetensorsFolder, TensorSource
-from srcr.targets.base import BUDGET_OPTIONS, DEFAULT_BITS, ExportResult, Imatrix, QuantSpec
+from srcr.targets.base import BUDGET_OPTIONS, DEFAULT_BITS, ExportResult, Imatrix, QuantSpec, budget_request
 from srcr.targets.gguf.blocks import GGML_TYPES
 from srcr.targets.gguf.budget import Allocation, allocate_types, budget_from_bpw, smallest_bytes
 from srcr.targets.gguf.convert import SUPPORTED_ARCHITECTURES, architecture_spec, convert_to_gguf, rope_parameters
@@ -155,7 +156,7 @@ class GGUFTarget:
         progress: ProgressFn = no_progress,
         codes: Mapping[str, BlockCodes] | None = None,
         weights: TensorSource | None = None,
-        sensitivity: Mapping[str, float] | None = None,
+        sensitivity: Mapping[str, KlCurve] | None = None,
     ) -> ExportResult:
         out = Path(out)
         if spec.allocates and not sensitivity:
@@ -277,37 +278,24 @@ class GGUFTarget:
 # The file type llama.cpp is asked for when srcr pins every matrix's type: only 1-D tensors and matrices
 # without an override would take it, and with `pure` nothing overrides srcr's choice.
 BUDGET_BASE_TYPE = "Q8_0"
+# Average bits per weight a budget may ask for: about Q2_K .. Q8_0 over the weight matrices.
+BUDGET_BPW_RANGE = (2.0, 8.5)
 
 
 def _resolve_budget(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
-    given = [key for key in BUDGET_OPTIONS if key in options]
-    if len(given) > 1:
-        raise SrcrError("pass --budget-mb or --budget-bpw, not both")
-    if bits is not None or quant_type is not None:
-        raise SrcrError("a budget chooses the type of every tensor itself; drop --bits / --quant-type")
+    request = budget_request(bits, quant_type, options, BUDGET_BPW_RANGE, "llama.cpp's types")
     if options.get("quantizer", "llama.cpp") != "llama.cpp" or options.get("pure"):
         raise SrcrError(
             "--budget-mb / --budget-bpw quantize with llama.cpp, tensor by tensor; drop --quantizer / --pure"
         )
-    key = given[0]
-    try:
-        value = float(options[key])  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise SrcrError(f"--{key.replace('_', '-')} takes a number, not {options[key]!r}") from None
-    if key == "budget_bpw" and not 2.0 <= value <= 8.5:
-        raise SrcrError(f"--budget-bpw {value:g} is outside what llama.cpp's types span here (2 to 8.5 bits)")
-    if key == "budget_mb" and not value > 0:
-        raise SrcrError(f"--budget-mb must be positive, not {value:g}")
-    name = f"budget-{value:g}MB" if key == "budget_mb" else f"budget-{value:g}bpw"
-    # `bits` is nominal until the allocation is made; the manifest takes the measured bits per weight.
-    bits = max(2, min(8, round(value))) if key == "budget_bpw" else DEFAULT_BITS
-    return QuantSpec(format="gguf", bits=bits, quant_type=name, options={"quantizer": "llama.cpp", key: value})
+    spec_options = {"quantizer": "llama.cpp", request.key: request.value}
+    return QuantSpec(format="gguf", bits=request.nominal_bits, quant_type=request.quant_type, options=spec_options)
 
 
 def _allocate(
     full_precision: Path,
     spec: QuantSpec,
-    sensitivity: Mapping[str, float],
+    sensitivity: Mapping[str, KlCurve],
     names: Mapping[str, str],
     imatrix: Mapping[str, np.ndarray],
     progress: ProgressFn,

@@ -60,7 +60,7 @@ def unpack_table(bits: int) -> np.ndarray:
 
 def _fp16_scales(scales: np.ndarray) -> np.ndarray:
     """The scales as they will be stored (fp16 where faithful), so levels are chosen against them."""
-    return scales.astype(np.float16).astype(np.float32) if float16_faithful(scales) else scales
+    return scales.astype(np.float16).astype(np.float32) if float16_faithful(scales, keep_nonzero=True) else scales
 
 
 def _least_squares_fit(
@@ -194,7 +194,7 @@ class _BlockOffsetWriter:
 def _quantize_wls(
     model: Any,
     linear: dict[str, str],
-    config: BlockQuantConfig,
+    configs: Mapping[str, BlockQuantConfig],
     imatrix: dict[str, np.ndarray],
     progress: ProgressFn,
 ) -> None:
@@ -212,6 +212,7 @@ def _quantize_wls(
             raise ValueError(
                 f"imatrix entry {weight} has {column_importance.size} values for {weight_t.shape[1]} inputs"
             )
+        config = configs[weight]
         levels, scales, zeros = wls_blocks(
             weight_t, config.bits, config.block_size, column_importance=column_importance
         )
@@ -359,14 +360,18 @@ def quantize_linear_weights(
     config: BlockQuantConfig,
     imatrix: dict[str, np.ndarray] | None = None,
     progress: ProgressFn = no_progress,
+    per_weight: Mapping[str, BlockQuantConfig] | None = None,
 ) -> Any:
     """Quantize the MatMuls in `linear` (HF weight name -> node name); return the (possibly new) model.
 
     `imatrix` (HF weight name -> mean x^2 per input column) weighs the wls search; rtn and hqq ignore it.
+    `per_weight` (wls only: a budget's allocation) gives weights their own bits and block size.
     """
     progress("quantize", 0, len(linear))
     if config.algo == "wls":
-        _quantize_wls(model, linear, config, imatrix or {}, progress)
+        _quantize_wls(
+            model, linear, {name: (per_weight or {}).get(name, config) for name in linear}, imatrix or {}, progress
+        )
     else:
         model = _quantize_with_ort(model, linear, config)
         _float_zero_points_to_offsets(model, linear)

@@ -66,21 +66,26 @@ def ensure_ms_opset(model: Any) -> None:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def float16_faithful(array: np.ndarray, tolerance: float = 1e-3) -> bool:
-    """True when fp16 keeps every value within `tolerance` relative error (no overflow, no underflow)."""
+def float16_faithful(array: np.ndarray, tolerance: float = 1e-3, keep_nonzero: bool = False) -> bool:
+    """True when fp16 keeps every value within `tolerance` relative error (no overflow, no underflow), values
+    below fp16's normal range within `tolerance` of its smallest normal. With `keep_nonzero` (block scales,
+    which the levels are divided by), also no nonzero value may become zero."""
     as_half = array.astype(np.float16).astype(np.float32)
     if not np.all(np.isfinite(as_half)):
+        return False
+    if keep_nonzero and np.any((as_half == 0) & (array != 0)):
         return False
     scale = np.maximum(np.abs(array), np.finfo(np.float16).tiny)
     return bool(np.all(np.abs(as_half - array) <= tolerance * scale))
 
 
-def store_as_float16(model: Any, names: Iterable[str], exact: bool = False) -> list[str]:
+def store_as_float16(model: Any, names: Iterable[str], exact: bool = False, keep_nonzero: bool = False) -> list[str]:
     """Store fp32 initializers as fp16 behind a Cast back to fp32; return the names converted.
 
     ONNX Runtime folds Cast(initializer) at session load, so compute stays fp32 and only the file
     halves. Unless `exact` (plain weights, where fp16 rounding is the point), a tensor is left fp32
-    when fp16 would lose more than 0.1% on any value (tiny scales of near-empty blocks underflow).
+    when fp16 would lose more than 0.1% on any value (tiny scales of near-empty blocks underflow);
+    `keep_nonzero` as in float16_faithful.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -90,7 +95,7 @@ def store_as_float16(model: Any, names: Iterable[str], exact: bool = False) -> l
         if tensor.name not in wanted or tensor.data_type != TensorProto.FLOAT:
             continue
         array = numpy_helper.to_array(tensor)
-        if not exact and not float16_faithful(array):
+        if not exact and not float16_faithful(array, keep_nonzero=keep_nonzero):
             continue
         original = tensor.name
         tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float16), f"{original}.f16"))

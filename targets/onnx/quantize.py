@@ -13,7 +13,7 @@ from srcr.base.grids import BlockCodes
 from srcr.targets.base import ProgressFn, QuantSpec, no_progress
 from srcr.targets.onnx import spec as specs
 from srcr.targets.onnx.graph import WeightMap
-from srcr.targets.onnx.matmul_nbits import quiet_ort_quantizers
+from srcr.targets.onnx.matmul_nbits import BlockQuantConfig, quiet_ort_quantizers
 
 
 @dataclass
@@ -35,14 +35,17 @@ def quantize_graph(
     imatrix: dict[str, np.ndarray] | None = None,
     progress: ProgressFn = no_progress,
     codes: Mapping[str, BlockCodes] | None = None,
+    per_weight: Mapping[str, BlockQuantConfig] | None = None,
 ) -> Quantized:
     """The quantized graph (`proto` is edited in place or replaced), and what was quantized or shared.
 
     With `codes` (srcr's GPTQ, spec.grid) those weights are written as they are; the other linear
     weights (an untied or tied output head) are quantized by `wls` at the same width and block size.
+    With `per_weight` (a budget's allocation: every linear weight's wls bits and block size) each
+    weight is quantized as given.
     """
     from srcr.targets.onnx.embedding import share_tied_embedding
-    from srcr.targets.onnx.matmul_nbits import BlockQuantConfig, quantize_linear_weights, write_codes
+    from srcr.targets.onnx.matmul_nbits import quantize_linear_weights, write_codes
     from srcr.targets.onnx.onnx_edit import store_as_float16
 
     scheme = spec.options["scheme"]
@@ -60,6 +63,11 @@ def quantize_graph(
         write_codes(proto, weights.linear, codes, progress)
         rest = {name: node for name, node in weights.linear.items() if name not in codes}
         config = BlockQuantConfig(spec.bits, spec.options["block_size"], "wls", symmetric=False)
+    elif per_weight is not None:
+        rest = weights.linear
+        if set(per_weight) != set(rest):
+            raise ValueError(f"the allocation names {len(per_weight)} weights; the graph has {len(rest)} linear layers")
+        config = next(iter(per_weight.values()))
     else:
         rest = weights.linear
         config = BlockQuantConfig(
@@ -69,18 +77,16 @@ def quantize_graph(
             symmetric=spec.options["symmetric"],
         )
     if rest:
-        proto = quantize_linear_weights(proto, rest, config, imatrix, progress)
+        proto = quantize_linear_weights(proto, rest, config, imatrix, progress, per_weight)
     imatrix_used = config.algo == "wls" and any(name in (imatrix or {}) for name in rest)
     shared = share_tied_embedding(proto, weights)
     if not shared and weights.embedding:
         store_as_float16(proto, [weights.embedding], exact=True)
     # Scales, offsets and block-sum matrices are stored fp16 wherever that is faithful (see onnx_edit).
-    small_floats = [
-        tensor.name
-        for tensor in proto.graph.initializer
-        if tensor.name.endswith((".scales", "_scales", ".offsets")) or tensor.name.startswith("block_sum.")
-    ]
-    store_as_float16(proto, small_floats)
+    # A scale that fp16 would flush to zero keeps its tensor fp32: the levels are chosen by dividing by it.
+    names = [tensor.name for tensor in proto.graph.initializer]
+    store_as_float16(proto, [name for name in names if name.endswith((".scales", "_scales"))], keep_nonzero=True)
+    store_as_float16(proto, [name for name in names if name.endswith(".offsets") or name.startswith("block_sum.")])
     quantized = list(weights.linear)
     return Quantized(proto, shared, shared, quantized, imatrix_used, gptq_weights=list(codes), ort_weights=list(rest))
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from srcr.base.errors import SrcrError
 from srcr.base.grids import GRIDS
 from srcr.base.shapes import linear_input_dims
-from srcr.targets.base import DEFAULT_BITS, QuantSpec
+from srcr.targets.base import BUDGET_OPTIONS, DEFAULT_BITS, QuantSpec, budget_request
 from srcr.targets.onnx.matmul_nbits import ALGORITHMS
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ SCHEMES = (WEIGHT_ONLY, DYNAMIC)
 BLOCK_BITS = (2, 4, 8)
 FLOAT_BITS = (16, 32)
 DEFAULT_BLOCK_SIZE = 32
+# A budget's smallest block (targets/onnx/budget.py): every input width must be a multiple of it.
+BUDGET_MIN_BLOCK = 32
 # Measured on SmolLM2-135M at 4 bits, block 32 (docs/onnx.md): wls beats hqq and rtn on KL, bytes and speed.
 DEFAULT_ALGO = "wls"
 # srcr's GPTQ, run in the calibration pass and written from its codes (srcr.base.grids' MatMulNBits grids).
@@ -87,7 +89,30 @@ def quant_type_name(bits: int, scheme: str, algo: str | None, block_size: int | 
     return f"MatMulNBits-q{bits}-{algo}-b{block_size}" + ("-sym" if symmetric else "")
 
 
+def _resolve_budget(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
+    from srcr.targets.onnx.budget import BPW_RANGE
+
+    request = budget_request(bits, quant_type, options, BPW_RANGE, "MatMulNBits' 2-, 4- and 8-bit blocks")
+    chosen = [key for key in (*OPTIONS, "quantizer") if options.get(key) is not None and key != "quant_scheme"]
+    if options.get("quant_scheme") not in (None, WEIGHT_ONLY):
+        chosen.append("quant_scheme")
+    for key, default in (("quant_algo", DEFAULT_ALGO), ("quantizer", "ort")):
+        if options.get(key) == default:
+            chosen.remove(key)
+    if chosen:
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in chosen)
+        raise SrcrError(
+            f"a budget chooses every layer's MatMulNBits bits and block size itself, with srcr's wls quantizer; "
+            f"drop {flags}"
+        )
+    spec_options = {"scheme": WEIGHT_ONLY, "algo": DEFAULT_ALGO, "block_size": None, "symmetric": False}
+    return QuantSpec(FORMAT, request.nominal_bits, request.quant_type, {**spec_options, request.key: request.value})
+
+
 def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
+    if any(options.get(key) is not None for key in BUDGET_OPTIONS):
+        return _resolve_budget(bits, quant_type, options)
+    options = {key: value for key, value in options.items() if key not in BUDGET_OPTIONS}
     quantizer = options.get("quantizer")
     if quantizer not in (None, "ort", GPTQ):
         raise SrcrError(f"unknown --quantizer {quantizer!r} for ONNX; choose ort (the default) or gptq")
@@ -154,7 +179,7 @@ def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, obje
 
 def check_block_size_fits(config: PretrainedConfig, spec: QuantSpec) -> None:
     """Every quantized matrix's input dimension must be a whole number of blocks."""
-    block_size = spec.options.get("block_size")
+    block_size = spec.options.get("block_size") or (BUDGET_MIN_BLOCK if spec.allocates else None)
     if spec.options.get("scheme") != WEIGHT_ONLY or block_size is None:
         return
     try:

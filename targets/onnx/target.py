@@ -10,14 +10,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from srcr.base.allocation import Allocation, KlCurve
 from srcr.base.errors import SrcrError
 from srcr.base.files import temporary_folder
 from srcr.base.grids import BlockCodes
 from srcr.base.placement import placed
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.weights import TensorSource
-from srcr.targets.base import ExportResult, Imatrix, QuantSpec
+from srcr.targets.base import BUDGET_OPTIONS, ExportResult, Imatrix, QuantSpec
 from srcr.targets.onnx import spec as specs
+from srcr.targets.onnx.matmul_nbits import BlockQuantConfig
 from srcr.targets.onnx.quantize import Quantized, quantize_graph
 from srcr.targets.onnx.runtime import OrtRuntime, require_onnxruntime
 
@@ -40,7 +42,22 @@ class ONNXTarget:
     streams = False
 
     def check_budget(self, shapes: list[tuple[int, int]], spec: QuantSpec) -> None:
-        """No budget to check: resolve_quant refuses --budget-mb / --budget-bpw for ONNX."""
+        if not spec.allocates:
+            return
+        from srcr.targets.onnx.budget import smallest_bytes
+
+        floor = sum(smallest_bytes(rows, columns) for rows, columns in shapes)
+        weights = sum(rows * columns for rows, columns in shapes)
+        if "budget_bpw" in spec.options and float(spec.options["budget_bpw"]) < 8 * floor / weights:  # type: ignore[arg-type]
+            raise SrcrError(
+                f"the smallest MatMulNBits blocks for this model's matrices take {8 * floor / weights:.3f} bits "
+                "per weight; raise --budget-bpw"
+            )
+        if "budget_mb" in spec.options and float(spec.options["budget_mb"]) * 1e6 < floor:  # type: ignore[arg-type]
+            raise SrcrError(
+                f"no ONNX graph of this model fits {float(spec.options['budget_mb']):.2f} MB: its weight matrices "  # type: ignore[arg-type]
+                f"alone take at least {floor / 1e6:.2f} MB in 2-bit blocks; raise --budget-mb"
+            )
 
     def for_checkpoint(self, spec: QuantSpec, dtype: str) -> QuantSpec:
         return spec  # 16-bit is float16: ONNX Runtime's CPU provider has no bfloat16 MatMul
@@ -57,6 +74,8 @@ class ONNXTarget:
         return None  # the cache inputs take each layer's own KV head count; layer_types follow the layers
 
     def width_multiple(self, spec: QuantSpec) -> int:
+        if spec.allocates:
+            return specs.BUDGET_MIN_BLOCK
         return int(spec.options.get("block_size") or 1)
 
     def check_model(self, config: PretrainedConfig, spec: QuantSpec) -> None:
@@ -76,13 +95,15 @@ class ONNXTarget:
         progress: ProgressFn = no_progress,
         codes: Mapping[str, BlockCodes] | None = None,
         weights: TensorSource | None = None,
-        sensitivity: Mapping[str, float] | None = None,
+        sensitivity: Mapping[str, KlCurve] | None = None,
     ) -> ExportResult:
         """Trace, quantize and write `out` (one .onnx file; `<name>.data` beside it only past 2 GB).
 
-        `sensitivity` is never asked for: resolve_quant refuses a budget for ONNX."""
+        For a budget (`spec.allocates`), `sensitivity` chooses every linear layer's bits and block size."""
         from srcr.targets.onnx import artifact
 
+        if spec.allocates and not sensitivity:
+            raise SrcrError("a --budget export needs the sensitivities measured on the calibration data; none came")
         if weights is not None:
             raise SrcrError("the ONNX target traces a model in memory; export with --no-stream")
         if spec.grid is not None and not codes:
@@ -105,7 +126,14 @@ class ONNXTarget:
             convert_seconds = time.perf_counter() - started
             started = time.perf_counter()
             progress("export onnx graph", 1, 1)
-            quantized = quantize_graph(proto, weights, spec, workdir, imatrix, progress, codes)
+            allocation = per_weight = None
+            if spec.allocates:
+                allocation, per_weight = _allocate(
+                    proto, weights, spec, sensitivity or {}, imatrix, stored_tokenizer, progress
+                )
+                allocate_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+            quantized = quantize_graph(proto, weights, spec, workdir, imatrix, progress, codes, per_weight)
             quantization = _quantization_summary(spec, quantized)
             format_info = _format_info(ort)
             artifact.attach_metadata(
@@ -118,6 +146,14 @@ class ONNXTarget:
             quantize_seconds = time.perf_counter() - started  # quantization, metadata and the write
 
         artifact_bytes = out.stat().st_size + (data_file.stat().st_size if data_file else 0)
+        stage_seconds = {"convert": round(convert_seconds, 3), "quantize": round(quantize_seconds, 3)}
+        if allocation is not None:
+            from srcr.targets.onnx.budget import check_written_as_allocated
+
+            check_written_as_allocated(quantized.model, allocation, artifact_bytes)
+            # --budget-mb / --budget-bpw: the MatMulNBits option srcr chose for every linear layer, and why.
+            quantization["allocation"] = allocation.manifest_section()
+            stage_seconds["allocate"] = round(allocate_seconds, 3)
         embedding_names = [weights.embedding] if weights.embedding else []
         if weights.tied and weights.lm_head:
             embedding_names.append(weights.lm_head)
@@ -132,11 +168,30 @@ class ONNXTarget:
             bits_per_weight=_bits_per_weight(sizes, counts, quantized, weights),
             quantization=quantization,
             format_info=format_info,
-            stage_seconds={"convert": round(convert_seconds, 3), "quantize": round(quantize_seconds, 3)},
+            stage_seconds=stage_seconds,
         )
 
     def open_runtime(self, artifact: Path, device: str = "auto") -> OrtRuntime:
         return OrtRuntime(artifact, device)
+
+
+def _allocate(
+    proto: Any,
+    weights: Any,
+    spec: QuantSpec,
+    sensitivity: Mapping[str, KlCurve],
+    imatrix: Imatrix | None,
+    stored_tokenizer: str,
+    progress: ProgressFn,
+) -> tuple[Allocation, dict[str, BlockQuantConfig]]:
+    from srcr.targets.onnx.budget import allocate_layers, config_of
+
+    key = next(key for key in BUDGET_OPTIONS if key in spec.options)
+    request = (key, float(spec.options[key]))  # type: ignore[arg-type]
+    allocation = allocate_layers(
+        proto, weights, request, sensitivity, dict(imatrix or {}), len(stored_tokenizer), progress
+    )
+    return allocation, {name: config_of(chosen) for name, chosen in allocation.types.items()}
 
 
 def _export_graph(model: Any, workdir: Path) -> tuple[Any, Any, dict[str, int]]:
