@@ -9,7 +9,7 @@ folder under targets/ with a class implementing `Target`, and one line in target
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -50,6 +50,12 @@ class BudgetRequest:
         """The spec's name for it, e.g. "budget-15.9MB" or "budget-4.5bpw"."""
         return f"budget-{self.value:g}MB" if self.key == "budget_mb" else f"budget-{self.value:g}bpw"
 
+    @classmethod
+    def of(cls, spec: QuantSpec) -> BudgetRequest:
+        """The budget a resolved spec carries (`spec.allocates`)."""
+        key = next(key for key in BUDGET_OPTIONS if key in spec.options)
+        return cls(key, float(spec.options[key]))  # type: ignore[arg-type]
+
     @property
     def nominal_bits(self) -> int:
         """A whole bit-width to stand for the request until the allocation is made (the manifest takes the
@@ -78,6 +84,29 @@ def budget_request(
     if key == "budget_mb" and not value > 0:
         raise SrcrError(f"--budget-mb must be positive, not {value:g}")
     return BudgetRequest(key, value)
+
+
+def check_budget_floor(
+    spec: QuantSpec, shapes: list[tuple[int, int]], smallest_bytes: Callable[[int, int], int], format_name: str,
+    smallest: str, in_smallest: str,
+) -> None:  # fmt: skip
+    """For a budget: SrcrError naming the floor when the weight matrices of these [rows, columns] shapes
+    cannot fit even in the format's smallest storage (`smallest_bytes`, described as `smallest` and, after
+    "in", `in_smallest`); no-op otherwise."""
+    if not spec.allocates:
+        return
+    request = BudgetRequest.of(spec)
+    floor = sum(smallest_bytes(rows, columns) for rows, columns in shapes)
+    weights = sum(rows * columns for rows, columns in shapes)
+    if request.key == "budget_bpw" and request.value < 8 * floor / weights:
+        raise SrcrError(
+            f"{smallest} for this model's matrices take {8 * floor / weights:.3f} bits per weight; raise --budget-bpw"
+        )
+    if request.key == "budget_mb" and request.value * 1e6 < floor:
+        raise SrcrError(
+            f"no {format_name} of this model fits {request.value:.2f} MB: its weight matrices alone take at least "
+            f"{floor / 1e6:.2f} MB in {in_smallest}; raise --budget-mb"
+        )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,16 @@ from srcr.base.files import temp_name
 from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.weights import SafetensorsFolder, TensorSource
-from srcr.targets.base import BUDGET_OPTIONS, DEFAULT_BITS, ExportResult, Imatrix, QuantSpec, budget_request
+from srcr.targets.base import (
+    BUDGET_OPTIONS,
+    DEFAULT_BITS,
+    BudgetRequest,
+    ExportResult,
+    Imatrix,
+    QuantSpec,
+    budget_request,
+    check_budget_floor,
+)
 from srcr.targets.gguf.blocks import GGML_TYPES
 from srcr.targets.gguf.budget import Allocation, allocate_types, budget_from_bpw, smallest_bytes
 from srcr.targets.gguf.convert import SUPPORTED_ARCHITECTURES, architecture_spec, convert_to_gguf, rope_parameters
@@ -126,20 +135,9 @@ class GGUFTarget:
         check_supported(locate_converter(), architecture, str(model_type))
 
     def check_budget(self, shapes: list[tuple[int, int]], spec: QuantSpec) -> None:
-        if not spec.allocates:
-            return
-        floor = sum(smallest_bytes(rows, columns) for rows, columns in shapes)
-        weights = sum(rows * columns for rows, columns in shapes)
-        if "budget_bpw" in spec.options and float(spec.options["budget_bpw"]) < 8 * floor / weights:  # type: ignore[arg-type]
-            raise SrcrError(
-                f"the smallest types llama.cpp writes for this model's matrices take {8 * floor / weights:.3f} bits "
-                "per weight; raise --budget-bpw"
-            )
-        if "budget_mb" in spec.options and float(spec.options["budget_mb"]) * 1e6 < floor:  # type: ignore[arg-type]
-            raise SrcrError(
-                f"no GGUF of this model fits {float(spec.options['budget_mb']):.2f} MB: its weight matrices alone "  # type: ignore[arg-type]
-                f"take at least {floor / 1e6:.2f} MB in the smallest types; raise --budget-mb"
-            )
+        check_budget_floor(
+            spec, shapes, smallest_bytes, "GGUF", "the smallest types llama.cpp writes", "the smallest types"
+        )
 
     def check_files(self, folder: Path, config: PretrainedConfig) -> None:
         if not writes_itself(config):
@@ -302,10 +300,11 @@ def _allocate(
 ) -> Allocation:
     reader = gguf.GGUFReader(full_precision)
     file_bytes = full_precision.stat().st_size
-    if "budget_bpw" in spec.options:
-        budget = budget_from_bpw(reader, file_bytes, float(spec.options["budget_bpw"]))  # type: ignore[arg-type]
+    request = BudgetRequest.of(spec)
+    if request.key == "budget_bpw":
+        budget = budget_from_bpw(reader, file_bytes, request.value)
     else:
-        budget = int(float(spec.options["budget_mb"]) * 1e6)  # type: ignore[arg-type]
+        budget = int(request.value * 1e6)
     by_gguf_name = {names[name]: value for name, value in sensitivity.items() if name in names}
     return allocate_types(reader, file_bytes, budget, by_gguf_name, imatrix, progress)
 

@@ -20,6 +20,7 @@ import numpy as np
 from srcr.base.allocation import Allocation, KlCurve, Option, allocate_file, relative_error
 from srcr.base.errors import SrcrError
 from srcr.base.progress import ProgressFn, no_progress
+from srcr.targets.base import BudgetRequest
 from srcr.targets.onnx.graph import WeightMap
 from srcr.targets.onnx.matmul_nbits import BlockQuantConfig, wls_blocks
 from srcr.targets.onnx.onnx_edit import GraphEditor, float16_faithful
@@ -173,24 +174,23 @@ def fixed_bytes(proto: object, weights: WeightMap, tokenizer_bytes: int) -> int:
 def allocate_layers(
     proto: object,
     weights: WeightMap,
-    request: tuple[str, float],
+    request: BudgetRequest,
     sensitivity: Mapping[str, KlCurve],
     imatrix: Mapping[str, np.ndarray],
     tokenizer_bytes: int,
     progress: ProgressFn = no_progress,
 ) -> Allocation:
     """The MatMulNBits option of every linear layer (by Hugging Face weight name) so that the artifact fits
-    `request` (("budget_mb", MB) or ("budget_bpw", bits per weight over the linear layers)). A tied output
+    `request` (MB, or bits per weight over the linear layers). A tied output
     head takes the sensitivity measured for the embedding it shares."""
     editor = GraphEditor(proto)
-    key, value = request
     fixed = fixed_bytes(proto, weights, tokenizer_bytes)
     n_weights = sum(int(editor.array(name).size) for name in weights.linear)
-    if key == "budget_bpw":
-        tensor_budget = int(value * n_weights / 8)
+    if request.key == "budget_bpw":
+        tensor_budget = int(request.value * n_weights / 8)
         budget_bytes = tensor_budget + fixed
     else:
-        budget_bytes = int(value * 1e6)
+        budget_bytes = int(request.value * 1e6)
         tensor_budget = budget_bytes - fixed
     options: dict[str, list[Option]] = {}
     pinned: dict[str, Option] = {}

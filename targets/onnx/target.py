@@ -17,7 +17,7 @@ from srcr.base.grids import BlockCodes
 from srcr.base.placement import placed
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.weights import TensorSource
-from srcr.targets.base import BUDGET_OPTIONS, ExportResult, Imatrix, QuantSpec
+from srcr.targets.base import BudgetRequest, ExportResult, Imatrix, QuantSpec, check_budget_floor
 from srcr.targets.onnx import spec as specs
 from srcr.targets.onnx.matmul_nbits import BlockQuantConfig
 from srcr.targets.onnx.quantize import Quantized, quantize_graph
@@ -42,22 +42,10 @@ class ONNXTarget:
     streams = False
 
     def check_budget(self, shapes: list[tuple[int, int]], spec: QuantSpec) -> None:
-        if not spec.allocates:
-            return
         from srcr.targets.onnx.budget import smallest_bytes
 
-        floor = sum(smallest_bytes(rows, columns) for rows, columns in shapes)
-        weights = sum(rows * columns for rows, columns in shapes)
-        if "budget_bpw" in spec.options and float(spec.options["budget_bpw"]) < 8 * floor / weights:  # type: ignore[arg-type]
-            raise SrcrError(
-                f"the smallest MatMulNBits blocks for this model's matrices take {8 * floor / weights:.3f} bits "
-                "per weight; raise --budget-bpw"
-            )
-        if "budget_mb" in spec.options and float(spec.options["budget_mb"]) * 1e6 < floor:  # type: ignore[arg-type]
-            raise SrcrError(
-                f"no ONNX graph of this model fits {float(spec.options['budget_mb']):.2f} MB: its weight matrices "  # type: ignore[arg-type]
-                f"alone take at least {floor / 1e6:.2f} MB in 2-bit blocks; raise --budget-mb"
-            )
+        smallest = "the smallest MatMulNBits blocks"
+        check_budget_floor(spec, shapes, smallest_bytes, "ONNX graph", smallest, "2-bit blocks")
 
     def for_checkpoint(self, spec: QuantSpec, dtype: str) -> QuantSpec:
         return spec  # 16-bit is float16: ONNX Runtime's CPU provider has no bfloat16 MatMul
@@ -186,8 +174,7 @@ def _allocate(
 ) -> tuple[Allocation, dict[str, BlockQuantConfig]]:
     from srcr.targets.onnx.budget import allocate_layers, config_of
 
-    key = next(key for key in BUDGET_OPTIONS if key in spec.options)
-    request = (key, float(spec.options[key]))  # type: ignore[arg-type]
+    request = BudgetRequest.of(spec)
     allocation = allocate_layers(
         proto, weights, request, sensitivity, dict(imatrix or {}), len(stored_tokenizer), progress
     )
