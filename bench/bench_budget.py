@@ -84,7 +84,22 @@ def run(model: str | None, out: Path, presets: list[str], args: argparse.Namespa
             budget = plan.target.resolve_quant(None, None, {"budget_mb": base.artifact.bytes / 1e6})
             ours = export(budget)
             rows.append(_row(spec.quant_type, base, ours))
+            if args.budget_check:  # the same budget, its candidates measured on the whole model (same file name)
+                options = {"budget_mb": base.artifact.bytes / 1e6, "budget_check": True}
+                checked = export(plan.target.resolve_quant(None, None, options))
+                rows.append({**_row(f"{spec.quant_type} --budget-check", base, checked), **_checked(checked, ours)})
     return rows
+
+
+def _checked(checked, additive) -> dict:
+    """What --budget-check chose, and its held-out KL against the additive mix's (paired)."""
+    allocation = checked.quantization.model_dump()["allocation"]
+    difference = paired_difference(item_scores(checked), item_scores(additive), "kld_mean")
+    return {
+        "chosen": allocation["chosen"],
+        "calibration_kl": {entry["candidate"]: entry["measured_kl"] for entry in allocation["checked"]},
+        "versus_additive": difference.as_dict(),
+    }
 
 
 def _row(preset: str, base, ours) -> dict:
@@ -122,6 +137,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--budget-check", action="store_true", help="also each budget with --budget-check (its candidates measured)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-budget-"))
@@ -137,7 +155,7 @@ def main() -> None:
     rows = run(model, out, (args.presets or DEFAULT_PRESETS[args.format]).split(","), args)
     table = Table(title=f"--budget-mb at each preset's bytes ({model or 'SmolLM2-135M'})")
     for column in ("preset", "bytes preset / ours", "bpw preset / ours", "mean KL preset", "mean KL ours", "ratio",
-                   "paired 95% interval of ours - preset", "ppl preset / ours"):  # fmt: skip
+                   "paired 95% interval of ours - preset", "ppl preset / ours", "chosen"):  # fmt: skip
         table.add_column(column)
     for row in rows:
         interval = row["difference"]
@@ -150,6 +168,7 @@ def main() -> None:
             f"{row['ratio']:.3f}",
             f"[{interval['low']:+.4f}, {interval['high']:+.4f}]{' *' if interval['significant'] else ''}",
             f"{row['preset_ppl']:.2f} / {row['budget_ppl']:.2f}",
+            row.get("chosen", ""),
         )
     Console().print(table)
     if args.json:

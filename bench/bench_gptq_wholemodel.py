@@ -9,6 +9,7 @@ format. Mean KL(dense || candidate) over windows of lee.cor, in PyTorch. SmolLM2
 rounding (relative figures only).
 
     python bench/bench_gptq_wholemodel.py [--samples 16] [--seq-len 512] [--windows 4] [--joint-percdamp 0.01,0.1]
+    python bench/bench_gptq_wholemodel.py --sparsity 0 --model DIR   # GPTQ alone against imatrix rounding
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--sparsity", type=float, default=0.5, help="0: GPTQ alone against rounding alone")
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
     parser.add_argument("--skip-joint", action="store_true", help="leave out the joint pass (minutes)")
     parser.add_argument(
         "--unrounded-inputs", action="store_true", help="also: the joint solve fed SparseGPT-only layer inputs"
@@ -101,7 +103,7 @@ def main() -> None:
         help="comma-separated Hessian dampenings (fractions of the mean diagonal) for the joint pass; 0.01 is srcr's",
     )
     args = parser.parse_args()
-    loaded = load_weights(open_source(None))
+    loaded = load_weights(open_source(args.model))
     dense = loaded.model.float().eval()
     tokenizer = loaded.tokenizer
     calibration = load_calibration(tokenizer, calibration_text(None, None), args.samples, args.seq_len, 0).input_ids
@@ -132,7 +134,7 @@ def main() -> None:
     print(f"\n{args.samples} x {args.seq_len} calibration tokens, {args.windows} x 512 tokens of lee.cor")
     print("| decoder linears | mean KL to the dense model |\n|---|---|")
     for label, value in results.items():
-        print(f"| {label} | {value:.4f} |")
+        print(f"| {label} | {value:.4g} |")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,12 @@ BUDGET_MB_HELP = (
     "The choice is in the manifest (quantization.allocation)."
 )
 BUDGET_BPW_HELP = "As --budget-mb, for this many bits per weight on average over the weight matrices."
+BUDGET_CHECK_HELP = (
+    "With a budget: also measure the chosen mix and its alternatives (the largest tensor at each of its options, "
+    "the best uniform one) on the whole model over the calibration tokens, and keep the best; the tensors' "
+    "losses do not add. Takes a forward pass per candidate; only as good as the calibration text is unlike "
+    "the model's training text (docs/results.md)."
+)
 PRINT_RECIPE_HELP = "Print the recipe the flags (and --recipe) describe, as TOML, and exit without running it."
 
 
@@ -295,6 +301,10 @@ def export(
     budget_bpw: Annotated[
         float | None, typer.Option(help=BUDGET_BPW_HELP, rich_help_panel=P_QUANT, show_default=False)
     ] = DEFAULT.quantize.budget_bpw,
+    budget_check: Annotated[
+        bool | None,
+        typer.Option("--budget-check/--no-budget-check", help=BUDGET_CHECK_HELP, rich_help_panel=P_QUANT),
+    ] = DEFAULT.quantize.budget_check,
     calib: Annotated[
         Path | None,
         typer.Option(

@@ -60,6 +60,7 @@ EXPORT_FLAGS: dict[str, tuple[str, ...]] = {
     "symmetric": ("quantize", "symmetric"),
     "budget_mb": ("quantize", "budget_mb"),
     "budget_bpw": ("quantize", "budget_bpw"),
+    "budget_check": ("quantize", "budget_check"),
     "name": ("export", "name"),
     "evaluate": ("evaluate", "enabled"),
     "top_k": ("evaluate", "top_k"),

@@ -89,7 +89,7 @@ from srcr.exporter.streaming import (
     open_streamed,
     stream_fits,
 )
-from srcr.targets.base import QuantSpec, Target
+from srcr.targets.base import BudgetRequest, QuantSpec, Target
 from srcr.targets.registry import get_target
 
 __all__ = ["run_export"]
@@ -602,10 +602,15 @@ def write_export(
     target, loaded = plan.target, pruned.loaded
     with contextlib.ExitStack() as outputs:
         artifact_tmp = outputs.enter_context(atomic_path(paths.artifact, overwrite))
-        sensitivity = None
+        sensitivity = whole_model_kl = None
         if spec.allocates:
             with timer.stage("sensitivity"):
                 sensitivity = sensitivity_stage(pruned, plan, progress)
+            if BudgetRequest.of(spec).check:
+                from srcr.exporter.sensitivity import CHECK_TOKENS, WholeModelKl
+
+                model, ids = pruned.loaded.model, pruned.calibration.input_ids
+                whole_model_kl = WholeModelKl(model, ids, plan.device, CHECK_TOKENS)
         with timer.stage("export"):
             result = target.export(
                 loaded.model,
@@ -618,6 +623,7 @@ def write_export(
                 codes=pruned.report.codes,
                 weights=loaded.weights,
                 sensitivity=sensitivity,
+                whole_model_kl=whole_model_kl,
             )
         timer.split("export", result.stage_seconds)
         evaluation = None

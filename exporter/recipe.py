@@ -91,6 +91,8 @@ class QuantizeStage(Stage):
     # weight matrices this many bits per weight on average; replaces bits/type.
     budget_mb: float | None = None
     budget_bpw: float | None = None
+    # With a budget: measure the additive choice and its alternatives on the whole model, keep the best.
+    budget_check: bool | None = None
 
     def target_options(self) -> dict[str, object]:
         """The options the target's resolve_quant reads, unset ones left out."""
@@ -103,6 +105,7 @@ class QuantizeStage(Stage):
             "symmetric": self.symmetric,
             "budget_mb": self.budget_mb,
             "budget_bpw": self.budget_bpw,
+            "budget_check": self.budget_check,
         }
         return {key: value for key, value in options.items() if value is not None}
 

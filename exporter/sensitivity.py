@@ -30,6 +30,9 @@ from srcr.exporter.pruning.driver import capture_layer_inputs, decoder_layers, i
 
 # Calibration tokens the probes are scored on: the first windows of the calibration set, cut to this.
 DEFAULT_TOKENS = 512
+# Tokens a budget's candidate allocations are measured on (--budget-check): candidates differ by a few
+# percent, and on 512 tokens the ranking of two of them flipped between draws (docs/results.md).
+CHECK_TOKENS = 4096
 PROBE_BLOCK = 32
 # The probes: 4 bits anchors the small-error (linear) range; 2 bits measures how fast the KL grows beyond.
 PROBE_BITS, COARSE_PROBE_BITS = 4, 2
@@ -134,6 +137,42 @@ def measure_sensitivity(
             )
         progress(f"sensitivity {total}/{total}", total, total)
     return sensitivities
+
+
+class WholeModelKl:
+    """The model's mean KL(model || model with some weight matrices replaced) on the calibration tokens
+    the sensitivities were measured on: a budget's candidate allocations are checked on it, because the
+    tensors' losses do not add up (a damaged head hides part of the decoder's damage, docs/results.md).
+
+    Called with Hugging Face weight names -> [out, in] values; the model is left exactly as it was."""
+
+    def __init__(self, model: nn.Module, calib_ids: torch.Tensor, device: str = "cpu", tokens: int = DEFAULT_TOKENS):
+        self._model = model
+        self._ids = _windows(calib_ids, tokens)
+        self._device = torch.device(device)
+        self._reference: torch.Tensor | None = None
+
+    def __call__(self, replaced: Mapping[str, np.ndarray]) -> float:
+        model = self._model
+        with torch.no_grad(), inference_setup(model), placed(model, self._device, torch.float32):
+            parameters = dict(model.named_parameters(remove_duplicate=False))
+            unknown = sorted(set(replaced) - set(parameters))
+            if unknown:
+                raise SrcrError(f"the model has no weight {unknown[0]!r} to check an allocation with; report this")
+            if self._reference is None:
+                self._reference = self._log_probs()
+            originals = {name: parameters[name].data.clone() for name in replaced}
+            try:
+                for name, values in replaced.items():
+                    parameters[name].data.copy_(torch.from_numpy(np.ascontiguousarray(values)))
+                return _mean_kl(self._reference, self._log_probs())
+            finally:
+                for name, original in originals.items():
+                    parameters[name].data.copy_(original)
+
+    def _log_probs(self) -> torch.Tensor:
+        logits = self._model(input_ids=self._ids.to(self._device)).logits  # final softcapping included
+        return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _probed(weight: nn.Parameter, importance: np.ndarray | None, kl: Callable[[], float]) -> Sensitivity:

@@ -34,6 +34,7 @@ def __getattr__(name: str) -> object:
     module, attribute = _API[name]
     return getattr(importlib.import_module(module), attribute)
 
+
 # Installed, setuptools maps srcr.exporter, srcr.targets and srcr.evaluators to the repository's
 # folders of those names. Run from a source checkout without installing (the GPU check copies the
 # tree to a bare machine), the same folders beside this package are found through __path__.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from srcr.base.allocation import KlCurve
+from srcr.base.allocation import KlCurve, WholeModelKl
 from srcr.base.errors import SrcrError
 from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
@@ -36,6 +36,8 @@ Imatrix = Mapping[str, np.ndarray]
 
 # Options that ask the target to choose each tensor's storage itself, to fit a file size or bits per weight.
 BUDGET_OPTIONS = ("budget_mb", "budget_bpw")
+# With a budget: measure the additive choice and its alternatives on the whole model, keep the best.
+BUDGET_CHECK = "budget_check"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class BudgetRequest:
 
     key: str  # one of BUDGET_OPTIONS
     value: float
+    check: bool = False  # --budget-check: candidates measured on the whole model (srcr.base.allocation)
 
     @property
     def quant_type(self) -> str:
@@ -54,7 +57,11 @@ class BudgetRequest:
     def of(cls, spec: QuantSpec) -> BudgetRequest:
         """The budget a resolved spec carries (`spec.allocates`)."""
         key = next(key for key in BUDGET_OPTIONS if key in spec.options)
-        return cls(key, float(spec.options[key]))  # type: ignore[arg-type]
+        return cls(key, float(spec.options[key]), bool(spec.options.get(BUDGET_CHECK, False)))  # type: ignore[arg-type]
+
+    def spec_options(self) -> dict[str, object]:
+        """What a resolved spec's options hold of the request."""
+        return {self.key: self.value, **({BUDGET_CHECK: True} if self.check else {})}
 
     @property
     def nominal_bits(self) -> int:
@@ -83,7 +90,13 @@ def budget_request(
         raise SrcrError(f"--budget-bpw {value:g} is outside what {types} span here ({low:g} to {high:g} bits)")
     if key == "budget_mb" and not value > 0:
         raise SrcrError(f"--budget-mb must be positive, not {value:g}")
-    return BudgetRequest(key, value)
+    return BudgetRequest(key, value, bool(options.get(BUDGET_CHECK)))
+
+
+def check_budget_check(options: Mapping[str, object]) -> None:
+    """--budget-check without a budget is refused: it measures a budget's candidate allocations."""
+    if options.get(BUDGET_CHECK) and not any(options.get(key) is not None for key in BUDGET_OPTIONS):
+        raise SrcrError("--budget-check measures a budget's candidates; add --budget-mb or --budget-bpw, or drop it")
 
 
 def check_budget_floor(
@@ -183,13 +196,16 @@ class Target(Protocol):
         codes: Mapping[str, BlockCodes] | None = None,
         weights: TensorSource | None = None,
         sensitivity: Mapping[str, KlCurve] | None = None,
+        whole_model_kl: WholeModelKl | None = None,
     ) -> ExportResult:
         """Write the artifact to `out` (the caller guarantees `out` is a fresh temporary path).
 
         `codes` (Hugging Face weight name -> codes and scales on `spec.grid`) are written as they are.
         With `weights` (only where `streams`), tensors are read from there one at a time and `model` is
         a skeleton that gives the config and shapes. `sensitivity` (Hugging Face weight name -> its KL curve,
-        the predicted mean KL at a relative error, exporter/sensitivity.py) is given when `spec.allocates`.
+        the predicted mean KL at a relative error, exporter/sensitivity.py) is given when `spec.allocates`,
+        and with it `whole_model_kl` (the model's KL with weights replaced, by Hugging Face name), on which
+        the allocation and its alternatives are measured together.
         """
         ...
 

@@ -44,6 +44,21 @@ def test_roundtrip_is_what_llama_cpp_writes_into_the_file(wide_llama_f32, tmp_pa
     assert int(written.n_bytes) == tensor_bytes(type_name, *ours.shape)
 
 
+@pytest.mark.parametrize("type_name", ["Q2_K", "IQ3_S", "Q4_K", "Q4_0", "IQ4_NL"])
+def test_llama_cpp_rounds_rows_alone_so_the_budget_check_may_round_hugging_face_rows(type_name):
+    """The budget check rounds the Hugging Face matrix, whose Q/K rows the converter permutes: ggml must give
+    the permuted matrix's rows the same values (targets/gguf/target.py, _whole_model_check)."""
+    from srcr.targets.gguf.convert import interleave_rope_rows
+
+    generator = np.random.default_rng(3)
+    weight = generator.standard_normal((256, 256)).astype(np.float32) * generator.uniform(0.5, 2, 256)
+    importance = generator.uniform(0.1, 4.0, 256).astype(np.float32)
+    permuted_then_rounded = roundtrip(interleave_rope_rows(weight, 4), type_name, importance)
+    rounded_then_permuted = interleave_rope_rows(roundtrip(weight, type_name, importance), 4)
+    assert not np.array_equal(interleave_rope_rows(weight, 4), weight)
+    np.testing.assert_array_equal(permuted_then_rounded, rounded_then_permuted)
+
+
 def test_relative_error_is_the_output_error_under_uncorrelated_inputs():
     """Oracle: inputs X built with X Xᵀ / n = diag(w) exactly; then ‖ΔW X‖² / ‖W X‖² is the weighted ratio."""
     generator = np.random.default_rng(0)
@@ -208,6 +223,18 @@ def test_budget_export_fits_and_writes_what_it_chose(wide_model_dir, tmp_path):
     assert len(set(tight["tensors"].values())) > 1  # a mix, not one type everywhere
 
 
+def test_gguf_budget_check_writes_the_candidate_of_least_measured_kl(wide_model_dir, tmp_path):
+    result = _export(wide_model_dir, tmp_path, "--budget-bpw", "3.5", "--budget-check")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    allocation = manifest["quantization"]["allocation"]
+    figures = [entry["measured_kl"] for entry in allocation["checked"]]
+    assert len(figures) > 1 and allocation["measured_kl"] == figures[0] == min(figures) > 0
+    path = tmp_path / manifest["artifact"]["file"]
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) >= 2}
+    assert written == allocation["tensors"]
+
+
 def test_budget_bpw_bounds_the_measured_bits_per_weight(wide_model_dir, tmp_path):
     result = _export(wide_model_dir, tmp_path, "--budget-bpw", "4.25")
     assert result.exit_code == 0, result.output
@@ -220,6 +247,7 @@ def test_budget_bpw_bounds_the_measured_bits_per_weight(wide_model_dir, tmp_path
         (["--budget-mb", "0.5"], "no GGUF of this model fits 0.50 MB"),
         (["--budget-mb", "5", "--stream", "on"], "pass --stream off"),
         (["--budget-mb", "5", "--bits", "4"], "drop --bits"),
+        (["--quant-type", "Q4_K_M", "--budget-check"], "add --budget-mb or --budget-bpw"),
     ],
 )
 def test_budget_errors_are_one_line_and_leave_nothing(wide_model_dir, tmp_path, flags, fragment):

@@ -154,6 +154,28 @@ def test_onnx_budget_export_fits_and_writes_what_it_chose(budget_model_dir, tmp_
     assert len(Counter(tight["tensors"].values())) > 1  # a mix, not one option everywhere
 
 
+def test_budget_check_keeps_the_candidate_of_least_measured_kl_and_writes_it(budget_model_dir, tmp_path):
+    """--budget-check: the additive mix and its alternatives are measured, the least kept and written; without
+    the flag the additive mix stands unmeasured (its tensors are what the checked run calls additive)."""
+    checked_run = _export(budget_model_dir, tmp_path / "checked", "--budget-bpw", "3.5", "--budget-check")
+    plain_run = _export(budget_model_dir, tmp_path / "plain", "--budget-bpw", "3.5")
+    assert checked_run.exit_code == 0 and plain_run.exit_code == 0, checked_run.output + plain_run.output
+    checked, plain = (json.loads(run.stdout) for run in (checked_run, plain_run))
+    allocation = checked["quantization"]["allocation"]
+    figures = [entry["measured_kl"] for entry in allocation["checked"]]
+    assert len(figures) > 1 and allocation["measured_kl"] == figures[0] == min(figures)
+    assert allocation["chosen"] == allocation["checked"][0]["candidate"]
+    assert "additive" in {entry["candidate"] for entry in allocation["checked"]}
+    path = tmp_path / "checked" / checked["artifact"]["file"]
+    assert _written_options(path) == allocation["tensors"]
+    assert checked["artifact"]["bytes"] <= allocation["budget_bytes"]
+    assert plain["quantization"]["allocation"]["chosen"] == "additive"
+    assert plain["quantization"]["allocation"]["checked"] == []
+    if allocation["chosen"] == "additive":
+        assert allocation["tensors"] == plain["quantization"]["allocation"]["tensors"]
+    assert checked["recipe"]["quantize"]["budget_check"] is True
+
+
 def test_onnx_budget_bpw_bounds_the_measured_bits_per_weight(budget_model_dir, tmp_path):
     result = _export(budget_model_dir, tmp_path, "--budget-bpw", "4.25")
     assert result.exit_code == 0, result.output
@@ -167,6 +189,7 @@ def test_onnx_budget_bpw_bounds_the_measured_bits_per_weight(budget_model_dir, t
         (["--budget-mb", "0.1"], "no ONNX graph of this model fits 0.10 MB"),
         (["--budget-mb", "2", "--quant-block-size", "64"], "drop --quant-block-size"),
         (["--budget-bpw", "9.5"], "2.25 to 9 bits"),
+        (["--bits", "4", "--budget-check"], "add --budget-mb or --budget-bpw"),
     ],
 )
 def test_onnx_budget_errors_are_one_line_and_leave_nothing(budget_model_dir, tmp_path, flags, fragment):

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import gguf
 import numpy as np
 
-from srcr.base.allocation import Allocation, KlCurve, Option, allocate_file, relative_error
+from srcr.base.allocation import Allocation, KlCurve, Option, WholeModelCheck, allocate_file, relative_error
 from srcr.base.errors import SrcrError
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.targets.gguf.roundtrip import roundtrip, tensor_bytes, writable
@@ -93,9 +93,11 @@ def allocate_types(
     sensitivity: Mapping[str, KlCurve],
     imatrix: Mapping[str, np.ndarray],
     progress: ProgressFn = no_progress,
+    check: WholeModelCheck | None = None,
 ) -> Allocation:
     """The type of every weight matrix of the unrounded file behind `reader` so that the quantized file
-    fits `budget_bytes`. `sensitivity` and `imatrix` are keyed by GGUF tensor name."""
+    fits `budget_bytes`. `sensitivity` and `imatrix` are keyed by GGUF tensor name; with `check` (by GGUF
+    name too), the additive choice and its alternatives are measured on the whole model, the best kept."""
     matrices = weight_matrices(reader)
     available = tensor_budget(reader, file_bytes, budget_bytes)
     options: dict[str, list[Option]] = {}
@@ -108,7 +110,7 @@ def allocate_types(
             rows, columns = weight.shape
             pinned[tensor.name] = Option(UNMEASURED_TYPE, tensor_bytes(UNMEASURED_TYPE, rows, columns), 0.0)
         progress(f"score types {done + 1}/{len(matrices)}", done + 1, len(matrices))
-    return allocate_file(options, pinned, budget_bytes, available, "GGUF")
+    return allocate_file(options, pinned, budget_bytes, available, "GGUF", check, progress)
 
 
 def budget_from_bpw(reader: gguf.GGUFReader, file_bytes: int, bits_per_weight: float) -> int:

@@ -14,7 +14,7 @@ import gguf
 import llama_cpp
 import numpy as np
 
-from srcr.base.allocation import KlCurve
+from srcr.base.allocation import KlCurve, WholeModelCheck, WholeModelKl
 from srcr.base.child import run_in_child
 from srcr.base.errors import SrcrError
 from srcr.base.files import temp_name
@@ -22,6 +22,7 @@ from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.weights import SafetensorsFolder, TensorSource
 from srcr.targets.base import (
+    BUDGET_CHECK,
     BUDGET_OPTIONS,
     DEFAULT_BITS,
     BudgetRequest,
@@ -29,6 +30,7 @@ from srcr.targets.base import (
     Imatrix,
     QuantSpec,
     budget_request,
+    check_budget_check,
     check_budget_floor,
 )
 from srcr.targets.gguf.blocks import GGML_TYPES
@@ -44,6 +46,7 @@ from srcr.targets.gguf.quantize import (
     quantize_gguf,
     tensor_type_mix,
 )
+from srcr.targets.gguf.roundtrip import roundtrip
 from srcr.targets.gguf.runtime import LlamaCppRuntime, gpu_layers_for
 from srcr.targets.gguf.upstream import check_supported, check_vocab, convert_with_llama_cpp, locate_converter
 
@@ -52,7 +55,7 @@ if TYPE_CHECKING:
 
 # Options resolve_quant accepts; `pure` turns off llama.cpp's per-tensor K-quant mix, `quantizer` picks
 # who rounds the decoder's weight matrices: llama.cpp (default) or srcr's GPTQ.
-_OPTIONS = ("pure", "quantizer", *BUDGET_OPTIONS)
+_OPTIONS = ("pure", "quantizer", *BUDGET_OPTIONS, BUDGET_CHECK)
 UNQUANTIZED = ("F32", "F16", "BF16")
 QUANTIZERS = ("llama.cpp", "gptq")
 # --bits -> the type srcr's GPTQ writes: the legacy block types, whose 32-weight blocks fit any row of a
@@ -69,6 +72,8 @@ class GGUFTarget:
     streams = True
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
+        check_budget_check(options)
+        options = {key: value for key, value in options.items() if value not in (None, False) or key != BUDGET_CHECK}
         options = {key: value for key, value in options.items() if value is not None}
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
@@ -155,6 +160,7 @@ class GGUFTarget:
         codes: Mapping[str, BlockCodes] | None = None,
         weights: TensorSource | None = None,
         sensitivity: Mapping[str, KlCurve] | None = None,
+        whole_model_kl: WholeModelKl | None = None,
     ) -> ExportResult:
         out = Path(out)
         if spec.allocates and not sensitivity:
@@ -201,7 +207,10 @@ class GGUFTarget:
                 started = time.perf_counter()
                 if spec.allocates:
                     progress("choose a type per tensor", 1, steps)
-                    allocation = _allocate(full_precision, spec, sensitivity or {}, names, gguf_imatrix, progress)
+                    check = _whole_model_check(model, names, gguf_imatrix, whole_model_kl)
+                    allocation = _allocate(
+                        full_precision, spec, sensitivity or {}, names, gguf_imatrix, progress, check
+                    )
                     keep, ftype, pure = dict(allocation.types), BUDGET_BASE_TYPE, True
                     stage_seconds["allocate"] = time.perf_counter() - started
                     started = time.perf_counter()
@@ -286,7 +295,7 @@ def _resolve_budget(bits: int | None, quant_type: str | None, options: Mapping[s
         raise SrcrError(
             "--budget-mb / --budget-bpw quantize with llama.cpp, tensor by tensor; drop --quantizer / --pure"
         )
-    spec_options = {"quantizer": "llama.cpp", request.key: request.value}
+    spec_options = {"quantizer": "llama.cpp", **request.spec_options()}
     return QuantSpec(format="gguf", bits=request.nominal_bits, quant_type=request.quant_type, options=spec_options)
 
 
@@ -297,6 +306,7 @@ def _allocate(
     names: Mapping[str, str],
     imatrix: Mapping[str, np.ndarray],
     progress: ProgressFn,
+    check: WholeModelCheck | None,
 ) -> Allocation:
     reader = gguf.GGUFReader(full_precision)
     file_bytes = full_precision.stat().st_size
@@ -306,7 +316,32 @@ def _allocate(
     else:
         budget = int(request.value * 1e6)
     by_gguf_name = {names[name]: value for name, value in sensitivity.items() if name in names}
-    return allocate_types(reader, file_bytes, budget, by_gguf_name, imatrix, progress)
+    return allocate_types(reader, file_bytes, budget, by_gguf_name, imatrix, progress, check)
+
+
+def _whole_model_check(
+    model: PreTrainedModel,
+    names: Mapping[str, str],
+    imatrix: Mapping[str, np.ndarray],
+    whole_model_kl: WholeModelKl | None,
+) -> WholeModelCheck | None:
+    """Candidate allocations measured in PyTorch by GGUF name. ggml quantizes every row on its own, so
+    llama.cpp's values for the Hugging Face matrix are its values for the converter's (whose Q and K rows
+    may be permuted) in Hugging Face's row order; matrices the converter fused stay unrounded there."""
+    if whole_model_kl is None:
+        return None
+    measure = whole_model_kl
+    hugging_face = {gguf_name: name for name, gguf_name in names.items()}
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+
+    def approximate(name: str, type_name: str) -> np.ndarray | None:
+        source = hugging_face.get(name)
+        if source not in parameters or parameters[source].dim() != 2:
+            return None
+        weight = parameters[source].detach().float().cpu().numpy()
+        return roundtrip(weight, type_name, imatrix.get(name))
+
+    return WholeModelCheck(approximate, lambda replaced: measure({hugging_face[n]: v for n, v in replaced.items()}))
 
 
 def check_written_as_allocated(reader: gguf.GGUFReader, allocation: Allocation, file_bytes: int) -> None:

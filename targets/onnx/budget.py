@@ -17,7 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from srcr.base.allocation import Allocation, KlCurve, Option, allocate_file, relative_error
+from srcr.base.allocation import (
+    Allocation,
+    KlCurve,
+    Option,
+    WholeModelCheck,
+    WholeModelKl,
+    allocate_file,
+    relative_error,
+)
 from srcr.base.errors import SrcrError
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.targets.base import BudgetRequest
@@ -179,10 +187,12 @@ def allocate_layers(
     imatrix: Mapping[str, np.ndarray],
     tokenizer_bytes: int,
     progress: ProgressFn = no_progress,
+    whole_model_kl: WholeModelKl | None = None,
 ) -> Allocation:
     """The MatMulNBits option of every linear layer (by Hugging Face weight name) so that the artifact fits
     `request` (MB, or bits per weight over the linear layers). A tied output
-    head takes the sensitivity measured for the embedding it shares."""
+    head takes the sensitivity measured for the embedding it shares. With `whole_model_kl`, the additive
+    choice and its alternatives are measured with every layer's stored weights in place, and the best kept."""
     editor = GraphEditor(proto)
     fixed = fixed_bytes(proto, weights, tokenizer_bytes)
     n_weights = sum(int(editor.array(name).size) for name in weights.linear)
@@ -203,7 +213,14 @@ def allocate_layers(
             _, stored_bytes = stored_weight(weight_t, UNMEASURED, imatrix.get(name))
             pinned[name] = Option(label(UNMEASURED), stored_bytes, 0.0)
         progress(f"score widths {done + 1}/{len(weights.linear)}", done + 1, len(weights.linear))
-    return allocate_file(options, pinned, budget_bytes, tensor_budget, "ONNX graph")
+    check = None
+    if whole_model_kl is not None:
+
+        def approximate(name: str, chosen: str) -> np.ndarray:
+            return stored_weight(editor.array(name).T, config_of(chosen), imatrix.get(name))[0]
+
+        check = WholeModelCheck(approximate, whole_model_kl)
+    return allocate_file(options, pinned, budget_bytes, tensor_budget, "ONNX graph", check, progress)
 
 
 def check_written_as_allocated(proto: object, allocation: Allocation, artifact_bytes: int) -> None:

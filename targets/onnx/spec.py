@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 from srcr.base.errors import SrcrError
 from srcr.base.grids import GRIDS
 from srcr.base.shapes import linear_input_dims
-from srcr.targets.base import BUDGET_OPTIONS, DEFAULT_BITS, QuantSpec, budget_request
+from srcr.targets.base import (
+    BUDGET_CHECK,
+    BUDGET_OPTIONS,
+    DEFAULT_BITS,
+    QuantSpec,
+    budget_request,
+    check_budget_check,
+)
 from srcr.targets.onnx.matmul_nbits import ALGORITHMS
 
 if TYPE_CHECKING:
@@ -106,13 +113,14 @@ def _resolve_budget(bits: int | None, quant_type: str | None, options: Mapping[s
             f"drop {flags}"
         )
     spec_options = {"scheme": WEIGHT_ONLY, "algo": DEFAULT_ALGO, "block_size": None, "symmetric": False}
-    return QuantSpec(FORMAT, request.nominal_bits, request.quant_type, {**spec_options, request.key: request.value})
+    return QuantSpec(FORMAT, request.nominal_bits, request.quant_type, {**spec_options, **request.spec_options()})
 
 
 def resolve(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
+    check_budget_check(options)
     if any(options.get(key) is not None for key in BUDGET_OPTIONS):
         return _resolve_budget(bits, quant_type, options)
-    options = {key: value for key, value in options.items() if key not in BUDGET_OPTIONS}
+    options = {key: value for key, value in options.items() if key not in (*BUDGET_OPTIONS, BUDGET_CHECK)}
     quantizer = options.get("quantizer")
     if quantizer not in (None, "ort", GPTQ):
         raise SrcrError(f"unknown --quantizer {quantizer!r} for ONNX; choose ort (the default) or gptq")

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from srcr.base.allocation import Allocation, KlCurve
+from srcr.base.allocation import Allocation, KlCurve, WholeModelKl
 from srcr.base.errors import SrcrError
 from srcr.base.files import temporary_folder
 from srcr.base.grids import BlockCodes
@@ -84,6 +84,7 @@ class ONNXTarget:
         codes: Mapping[str, BlockCodes] | None = None,
         weights: TensorSource | None = None,
         sensitivity: Mapping[str, KlCurve] | None = None,
+        whole_model_kl: WholeModelKl | None = None,
     ) -> ExportResult:
         """Trace, quantize and write `out` (one .onnx file; `<name>.data` beside it only past 2 GB).
 
@@ -117,7 +118,7 @@ class ONNXTarget:
             allocation = per_weight = None
             if spec.allocates:
                 allocation, per_weight = _allocate(
-                    proto, weights, spec, sensitivity or {}, imatrix, stored_tokenizer, progress
+                    proto, weights, spec, sensitivity or {}, imatrix, stored_tokenizer, progress, whole_model_kl
                 )
                 allocate_seconds = time.perf_counter() - started
                 started = time.perf_counter()
@@ -171,12 +172,13 @@ def _allocate(
     imatrix: Imatrix | None,
     stored_tokenizer: str,
     progress: ProgressFn,
+    whole_model_kl: WholeModelKl | None,
 ) -> tuple[Allocation, dict[str, BlockQuantConfig]]:
     from srcr.targets.onnx.budget import allocate_layers, config_of
 
     request = BudgetRequest.of(spec)
     allocation = allocate_layers(
-        proto, weights, request, sensitivity, dict(imatrix or {}), len(stored_tokenizer), progress
+        proto, weights, request, sensitivity, dict(imatrix or {}), len(stored_tokenizer), progress, whole_model_kl
     )
     return allocation, {name: config_of(chosen) for name, chosen in allocation.types.items()}
 
