@@ -607,10 +607,9 @@ def write_export(
             with timer.stage("sensitivity"):
                 sensitivity = sensitivity_stage(pruned, plan, progress)
             if BudgetRequest.of(spec).check:
-                from srcr.exporter.sensitivity import CHECK_TOKENS, WholeModelKl
+                from srcr.exporter.sensitivity import WholeModelKl
 
-                model, ids = pruned.loaded.model, pruned.calibration.input_ids
-                whole_model_kl = WholeModelKl(model, ids, plan.device, CHECK_TOKENS)
+                whole_model_kl = WholeModelKl(pruned.loaded.model, pruned.calibration.input_ids, plan.device)
         with timer.stage("export"):
             result = target.export(
                 loaded.model,

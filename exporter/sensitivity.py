@@ -140,13 +140,13 @@ def measure_sensitivity(
 
 
 class WholeModelKl:
-    """The model's mean KL(model || model with some weight matrices replaced) on the calibration tokens
-    the sensitivities were measured on: a budget's candidate allocations are checked on it, because the
+    """The model's mean KL(model || model with some weight matrices replaced) on the first `tokens`
+    calibration tokens: a budget's candidate allocations are checked on it (--budget-check), because the
     tensors' losses do not add up (a damaged head hides part of the decoder's damage, docs/results.md).
 
     Called with Hugging Face weight names -> [out, in] values; the model is left exactly as it was."""
 
-    def __init__(self, model: nn.Module, calib_ids: torch.Tensor, device: str = "cpu", tokens: int = DEFAULT_TOKENS):
+    def __init__(self, model: nn.Module, calib_ids: torch.Tensor, device: str = "cpu", tokens: int = CHECK_TOKENS):
         self._model = model
         self._ids = _windows(calib_ids, tokens)
         self._device = torch.device(device)

@@ -230,11 +230,8 @@ def relative_error(weight: np.ndarray, approximation: np.ndarray, importance: np
 def _hull(options: Sequence[Option]) -> list[Option]:
     """The options on the lower convex hull of (bytes, cost), from fewest bytes to most, each one cheaper
     in cost than the one before: every other option is beaten by a mix of two hull neighbours."""
-    by_bytes = sorted(options, key=lambda option: (option.bytes, option.cost))
     frontier: list[Option] = []
-    for option in by_bytes:
-        if frontier and option.cost >= frontier[-1].cost:
-            continue  # more bytes for no less loss
+    for option in _frontier(options):  # an option with more bytes for no less loss is never on the hull
         while len(frontier) >= 2 and _slope(frontier[-2], frontier[-1]) >= _slope(frontier[-1], option):
             frontier.pop()
         frontier.append(option)

@@ -73,8 +73,8 @@ class GGUFTarget:
 
     def resolve_quant(self, bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
         check_budget_check(options)
-        options = {key: value for key, value in options.items() if value not in (None, False) or key != BUDGET_CHECK}
-        options = {key: value for key, value in options.items() if value is not None}
+        # Unset options, and --no-budget-check (the default), are left out.
+        options = {key: value for key, value in options.items() if value is not None and (key != BUDGET_CHECK or value)}
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             flags = ", ".join(f"--{key.replace('_', '-')}" for key in unknown)
