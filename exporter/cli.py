@@ -45,7 +45,8 @@ QUANTIZER_HELP = (
     "as pruning (joint SparseGPT + GPTQ when pruning), written into the file without re-quantizing "
     "(GGUF Q2_K, Q3_K, Q4_0, Q5_0, Q6_K, Q8_0: --bits 2, 3, 4, 5, 6, 8; Q4_1, Q5_1, Q4_K, Q5_K by "
     "--quant-type; the K types on rows of a multiple of 256; ONNX MatMulNBits 2-, 4- or 8-bit blocks of 32, "
-    "with zero points or --symmetric)."
+    "with zero points or --symmetric). With --budget-mb/--budget-bpw (GGUF): auto lets each decoder matrix "
+    "be rounded by llama.cpp or srcr's GPTQ, whichever is predicted to lose less (unpruned models; slower)."
 )
 STREAM_HELP = (
     "Read the decoder layers from the checkpoint one at a time (auto: unless the whole model and one layer's "

@@ -22,10 +22,10 @@ import dataclasses
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from srcr.base.allocation import KlCurve
 from srcr.base.compression import baseline_bytes, tcr
@@ -91,6 +91,9 @@ from srcr.exporter.streaming import (
 )
 from srcr.targets.base import BudgetRequest, QuantSpec, Target
 from srcr.targets.registry import get_target
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["run_export"]
 
@@ -303,6 +306,8 @@ def make_plan(
             check_fits(source.config, setting.structure)
             global_widths = setting.structure.width and setting.structure.allocation == "global"
             target.check_structure(source.config, setting.structure.drop_layers > 0, global_widths)
+    if any(spec.per_tensor_gptq for spec in specs):
+        _check_per_tensor_gptq(source.config, settings)
     stream = _decide_stream(recipe.model.stream, target, source, model_skeleton, settings, specs)
     if stream and any(spec.allocates for spec in specs):
         raise SrcrError(
@@ -602,10 +607,17 @@ def write_export(
     target, loaded = plan.target, pruned.loaded
     with contextlib.ExitStack() as outputs:
         artifact_tmp = outputs.enter_context(atomic_path(paths.artifact, overwrite))
-        sensitivity = whole_model_kl = None
+        sensitivity = whole_model_kl = gptq = None
         if spec.allocates:
+            grams = None
+            if spec.per_tensor_gptq:
+                from srcr.exporter.hessians import PerTensorGptq, input_grams
+
+                with timer.stage("statistics"):
+                    grams = input_grams(loaded.model, pruned.calibration.input_ids, plan.device, progress)
+                gptq = PerTensorGptq(loaded.model, grams, plan.device).solver()
             with timer.stage("sensitivity"):
-                sensitivity = sensitivity_stage(pruned, plan, progress)
+                sensitivity = sensitivity_stage(pruned, plan, progress, grams)
             if BudgetRequest.of(spec).check:
                 from srcr.exporter.sensitivity import WholeModelKl
 
@@ -623,6 +635,7 @@ def write_export(
                 weights=loaded.weights,
                 sensitivity=sensitivity,
                 whole_model_kl=whole_model_kl,
+                gptq=gptq,
             )
         timer.split("export", result.stage_seconds)
         evaluation = None
@@ -641,13 +654,34 @@ def write_export(
     return manifest
 
 
-def sensitivity_stage(pruned: PrunedModel, plan: Plan, progress: ProgressFn) -> dict[str, KlCurve]:
+def _check_per_tensor_gptq(config: Any, settings: Sequence[Any]) -> None:
+    """--quantizer auto: refused for unstructured pruning (GPTQ per matrix would refill the pruned
+    weights; --quantizer gptq prunes and rounds in one solve) and when the Gram matrices would not fit."""
+    from srcr.exporter.hessians import check_gram_memory
+
+    if any(setting.prune.prunes for setting in settings):
+        raise SrcrError(
+            "--quantizer auto rounds unpruned matrices (its GPTQ would refill pruned weights); drop --sparsity, "
+            "or use --quantizer gptq for SparseGPT + GPTQ in one solve"
+        )
+    check_gram_memory(config)
+
+
+def sensitivity_stage(
+    pruned: PrunedModel, plan: Plan, progress: ProgressFn, grams: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, KlCurve]:
     """The KL curve (predicted mean KL at a relative error) of every weight matrix of the pruned model
-    (exporter/sensitivity.py); in memory: make_plan refuses a budget for a streamed export."""
+    (exporter/sensitivity.py), in the Gram metric where `grams` has the matrix; in memory: make_plan
+    refuses a budget for a streamed export."""
     from srcr.exporter.sensitivity import measure_sensitivity
 
     measured = measure_sensitivity(
-        pruned.loaded.model, pruned.calibration.input_ids, pruned.report.imatrix, plan.device, progress=progress
+        pruned.loaded.model,
+        pruned.calibration.input_ids,
+        pruned.report.imatrix,
+        plan.device,
+        progress=progress,
+        grams=grams,
     )
     return {name: value.curve for name, value in measured.items()}
 

@@ -81,7 +81,8 @@ class PruneStage(Stage):
 class QuantizeStage(Stage):
     bits: int | None = None  # None (and no type): the format's default, 4
     type: str | None = None  # the format's own type name, e.g. Q4_K_M
-    quantizer: str | None = None  # None: the format's own (llama.cpp, ONNX Runtime); gptq: srcr's GPTQ
+    # None: the format's own (llama.cpp, ONNX Runtime); gptq: srcr's GPTQ; auto (GGUF budgets): either, per matrix
+    quantizer: str | None = None
     pure: bool | None = None  # GGUF: no K-quant mix, every matrix in `type`
     block_size: int | None = None  # ONNX: weights per quantization block
     algo: str | None = None  # ONNX: wls, hqq or rtn

@@ -24,6 +24,7 @@ from torch import nn
 
 from srcr.base.allocation import KlCurve, relative_error
 from srcr.base.errors import SrcrError
+from srcr.base.gram import gram_error
 from srcr.base.placement import placed
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.exporter.pruning.driver import capture_layer_inputs, decoder_layers, inference_setup, module_names, run_layer
@@ -86,12 +87,18 @@ def measure_sensitivity(
     device: str = "cpu",
     tokens: int = DEFAULT_TOKENS,
     progress: ProgressFn = no_progress,
+    grams: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Sensitivity]:
     """Sensitivity of every weight matrix of `model` (Hugging Face weight names), on at most `tokens`
-    calibration tokens. The model is run in float32 and left exactly as it was."""
+    calibration tokens. The model is run in float32 and left exactly as it was.
+
+    With `grams` (exporter/hessians.py) a matrix that has one is measured in the Gram metric
+    (srcr.base.gram.gram_error) instead of the importance-weighted one: its curve must be read in the
+    metric its candidates' errors are given in."""
     ids = _windows(calib_ids, tokens)
     target = torch.device(device)
     imatrix = imatrix or {}
+    grams = grams or {}
     with torch.no_grad(), inference_setup(model), placed(model, target, torch.float32):
         layers = decoder_layers(model)
         names = module_names(model, layers)
@@ -119,7 +126,9 @@ def measure_sensitivity(
         total = len(matrices) + 1 + (0 if tied else 1)
         sensitivities: dict[str, Sensitivity] = {}
         for done, (index, name, module) in enumerate(matrices):
-            sensitivities[name] = _probed(module.weight, imatrix.get(name), lambda index=index: kl_from(index))
+            sensitivities[name] = _probed(
+                module.weight, _error_measure(imatrix.get(name), grams.get(name)), lambda index=index: kl_from(index)
+            )
             progress(f"sensitivity {done + 1}/{total}", done + 1, total)
 
         def kl_of_all() -> float:
@@ -129,11 +138,12 @@ def measure_sensitivity(
                 hidden = run_layer(layer, hidden, kwargs[index])
             return _mean_kl(reference, _log_probs(norm, head, softcap, hidden))
 
+        unweighted = _error_measure(None, None)  # no importance matrix or Gram for the embedding and head
         names_of = {id(parameter): name for name, parameter in model.named_parameters()}  # a tied one: its first name
-        sensitivities[names_of[id(embedding.weight)]] = _probed(embedding.weight, None, kl_of_all)
+        sensitivities[names_of[id(embedding.weight)]] = _probed(embedding.weight, unweighted, kl_of_all)
         if not tied:
             sensitivities[names_of[id(head.weight)]] = _probed(
-                head.weight, None, lambda: _mean_kl(reference, _log_probs(norm, head, softcap, states[-1]))
+                head.weight, unweighted, lambda: _mean_kl(reference, _log_probs(norm, head, softcap, states[-1]))
             )
         progress(f"sensitivity {total}/{total}", total, total)
     return sensitivities
@@ -175,13 +185,23 @@ class WholeModelKl:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _probed(weight: nn.Parameter, importance: np.ndarray | None, kl: Callable[[], float]) -> Sensitivity:
+ErrorMeasure = Callable[[np.ndarray, np.ndarray], float]
+
+
+def _error_measure(importance: np.ndarray | None, gram: torch.Tensor | None) -> ErrorMeasure:
+    if gram is not None:
+        gram_values = gram.numpy()
+        return lambda weight, rounded: gram_error(weight, rounded, gram_values)
+    return lambda weight, rounded: relative_error(weight, rounded, importance)
+
+
+def _probed(weight: nn.Parameter, error_of: ErrorMeasure, kl: Callable[[], float]) -> Sensitivity:
     original = weight.data.clone()
     points = []  # (relative error, mean KL) of each probe
     try:
         for bits in (PROBE_BITS, COARSE_PROBE_BITS):
             rounded = probe(original, bits)
-            error = relative_error(original.cpu().numpy(), rounded.cpu().numpy(), importance)
+            error = error_of(original.cpu().numpy(), rounded.cpu().numpy())
             weight.data.copy_(rounded)
             points.append((error, kl()))
     finally:

@@ -18,6 +18,7 @@ import numpy as np
 
 from srcr.base.allocation import KlCurve, WholeModelKl
 from srcr.base.errors import SrcrError
+from srcr.base.gram import GptqSolver
 from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.runtime import Runtime
@@ -38,6 +39,9 @@ Imatrix = Mapping[str, np.ndarray]
 BUDGET_OPTIONS = ("budget_mb", "budget_bpw")
 # With a budget: measure the additive choice and its alternatives on the whole model, keep the best.
 BUDGET_CHECK = "budget_check"
+# The `quantizer` option's value for a budget whose matrices are rounded by the format's quantizer or
+# srcr's GPTQ, whichever is predicted to lose less for each.
+PER_TENSOR_GPTQ = "auto"
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,12 @@ class QuantSpec:
         """Whether the target picks a type per tensor for a budget, from the `sensitivity` export is given."""
         return any(key in self.options for key in BUDGET_OPTIONS)
 
+    @property
+    def per_tensor_gptq(self) -> bool:
+        """Whether srcr's GPTQ competes with the format's quantizer matrix by matrix within the budget
+        (--quantizer auto): export is then given a `gptq` solver, and the sensitivities in its metric."""
+        return self.allocates and self.options.get("quantizer") == PER_TENSOR_GPTQ
+
 
 @dataclass
 class ExportResult:
@@ -197,6 +207,7 @@ class Target(Protocol):
         weights: TensorSource | None = None,
         sensitivity: Mapping[str, KlCurve] | None = None,
         whole_model_kl: WholeModelKl | None = None,
+        gptq: GptqSolver | None = None,
     ) -> ExportResult:
         """Write the artifact to `out` (the caller guarantees `out` is a fresh temporary path).
 
@@ -205,7 +216,8 @@ class Target(Protocol):
         a skeleton that gives the config and shapes. `sensitivity` (Hugging Face weight name -> its KL curve,
         the predicted mean KL at a relative error, exporter/sensitivity.py) is given when `spec.allocates`,
         and with it `whole_model_kl` (the model's KL with weights replaced, by Hugging Face name), on which
-        the allocation and its alternatives are measured together.
+        the allocation and its alternatives are measured together. `gptq` (srcr.base.gram) is given when
+        `spec.per_tensor_gptq`: srcr's GPTQ as a second quantizer per matrix.
         """
         ...
 

@@ -177,8 +177,8 @@ def test_probe_kl_is_the_kl_of_the_model_with_that_matrix_alone_rounded(small_vo
         (None, None, {"budget_mb": 10.0, "budget_bpw": 4.0}, "not both"),
         (None, None, {"budget_bpw": 1.0}, "2 to 8.5"),
         (None, None, {"budget_mb": -1.0}, "must be positive"),
-        (None, None, {"budget_mb": 10.0, "quantizer": "gptq"}, "drop --quantizer"),
-        (None, None, {"budget_mb": 10.0, "pure": True}, "drop --quantizer / --pure"),
+        (None, None, {"budget_mb": 10.0, "quantizer": "gptq"}, "use --quantizer llama.cpp or auto"),
+        (None, None, {"budget_mb": 10.0, "pure": True}, "use --quantizer llama.cpp or auto"),
     ],
 )
 def test_budget_requests_that_contradict_themselves_are_refused(bits, quant_type, options, fragment):
@@ -273,3 +273,69 @@ def test_the_budget_is_a_recipe_field_the_flag_sets(wide_model_dir):
     result = runner.invoke(app, ["export", "--model", str(wide_model_dir), "--budget-bpw", "4.5", "--print-recipe"])
     assert result.exit_code == 0, result.output
     assert "budget_bpw = 4.5" in result.stdout
+
+
+def test_gram_error_is_the_relative_output_error_on_the_calibration_inputs():
+    from srcr.base.gram import gram_error
+
+    generator = np.random.default_rng(0)
+    inputs = generator.normal(size=(500, 16)) @ generator.normal(size=(16, 16))  # correlated columns
+    weight = generator.normal(size=(8, 16))
+    rounded = weight + generator.normal(scale=0.1, size=weight.shape)
+    gram = inputs.T @ inputs / len(inputs)
+    expected = np.square((weight - rounded) @ inputs.T).sum() / np.square(weight @ inputs.T).sum()
+    assert gram_error(weight, rounded, gram) == pytest.approx(expected, rel=1e-9)
+    importance = generator.uniform(0.5, 2.0, size=16)  # a diagonal Gram matrix is the importance matrix
+    assert gram_error(weight, rounded, np.diag(importance)) == pytest.approx(
+        relative_error(weight, rounded, importance), rel=1e-9
+    )
+
+
+def test_gptq_is_offered_within_one_frontier_step_of_the_first_choice():
+    from srcr.targets.gguf.budget import near_bytes
+
+    options = [Option("a", 10, 5.0), Option("b", 20, 3.0), Option("dominated", 25, 4.0), Option("c", 30, 1.0)]
+    assert near_bytes(options, options[1]) == (10, 30)
+    assert near_bytes(options, options[0]) == (10, 20)
+    assert near_bytes(options, options[3]) == (20, 30)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--quant-type", "Q4_K_M", "--quantizer", "auto"], "add --budget-mb or --budget-bpw"),
+        (["--budget-bpw", "4", "--quantizer", "auto", "--sparsity", "0.5"], "drop --sparsity"),
+    ],
+)
+def test_per_tensor_gptq_is_refused_where_it_does_not_apply(wide_model_dir, tmp_path, flags, fragment):
+    result = _export(wide_model_dir, tmp_path / "out", *flags)
+    assert result.exit_code == 2, result.output
+    assert fragment in " ".join(result.output.split())
+
+
+def test_quantizer_auto_writes_the_gptq_codes_it_chose_and_fits(wide_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    result = _export(wide_model_dir, tmp_path, "--budget-bpw", "4.5", "--quantizer", "auto")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    tensors = manifest["quantization"]["allocation"]["tensors"]
+    chosen = {name: label.removesuffix("+gptq") for name, label in tensors.items() if label.endswith("+gptq")}
+    assert manifest["quantization"]["quantizer"] == "auto"
+    assert manifest["quantization"]["gptq_tensors"] == len(chosen) > 0
+    path = tmp_path / manifest["artifact"]["file"]
+    assert path.stat().st_size <= manifest["quantization"]["allocation"]["budget_bytes"]
+    reader = gguf.GGUFReader(path)
+    written = {t.name: t for t in reader.tensors if len(t.shape) >= 2}
+    assert {name: t.tensor_type.name for name, t in written.items()} == {
+        name: label.removesuffix("+gptq") for name, label in tensors.items()
+    }
+    # A GPTQ matrix went through as srcr wrote it: not what llama.cpp's rounding of the weight gives.
+    model = AutoModelForCausalLM.from_pretrained(wide_model_dir, torch_dtype=torch.float32)
+    name = next(n for n in chosen if n.endswith("ffn_down.weight"))  # never row-permuted by the converter
+    weight = model.get_parameter(f"model.layers.{name.split('.')[1]}.mlp.down_proj.weight").detach().numpy()
+    tensor = written[name]
+    decoded = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(weight.shape)
+    assert relative_error(weight, decoded, None) < 0.05
+    assert not np.array_equal(decoded, roundtrip(weight, chosen[name], None))

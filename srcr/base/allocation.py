@@ -171,7 +171,7 @@ def alternatives(
         largest = max(options, key=lambda name: min(option.bytes for option in options[name]))
         others = {name: choices for name, choices in options.items() if name != largest}
         others_floor = sum(min(option.bytes for option in choices) for choices in others.values())
-        for option in _frontier(options[largest]):
+        for option in frontier(options[largest]):
             if option.label != additive[largest].label and option.bytes + others_floor <= left:
                 rest = allocate(others, left - option.bytes)
                 found.append((f"{largest} at {option.label}", {largest: option, **rest}))
@@ -230,21 +230,21 @@ def relative_error(weight: np.ndarray, approximation: np.ndarray, importance: np
 def _hull(options: Sequence[Option]) -> list[Option]:
     """The options on the lower convex hull of (bytes, cost), from fewest bytes to most, each one cheaper
     in cost than the one before: every other option is beaten by a mix of two hull neighbours."""
-    frontier: list[Option] = []
-    for option in _frontier(options):  # an option with more bytes for no less loss is never on the hull
-        while len(frontier) >= 2 and _slope(frontier[-2], frontier[-1]) >= _slope(frontier[-1], option):
-            frontier.pop()
-        frontier.append(option)
-    return frontier
+    hull: list[Option] = []
+    for option in frontier(options):  # an option with more bytes for no less loss is never on the hull
+        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-1], option):
+            hull.pop()
+        hull.append(option)
+    return hull
 
 
-def _frontier(options: Sequence[Option]) -> list[Option]:
+def frontier(options: Sequence[Option]) -> list[Option]:
     """The options no other beats in both bytes and cost, from fewest bytes to most."""
-    frontier: list[Option] = []
+    kept: list[Option] = []
     for option in sorted(options, key=lambda option: (option.bytes, option.cost)):
-        if not frontier or option.cost < frontier[-1].cost:
-            frontier.append(option)
-    return frontier
+        if not kept or option.cost < kept[-1].cost:
+            kept.append(option)
+    return kept
 
 
 def _slope(low: Option, high: Option) -> float:

@@ -18,6 +18,7 @@ from srcr.base.allocation import KlCurve, WholeModelCheck, WholeModelKl
 from srcr.base.child import run_in_child
 from srcr.base.errors import SrcrError
 from srcr.base.files import temp_name
+from srcr.base.gram import GptqSolver, gram_error
 from srcr.base.grids import BlockCodes
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.base.weights import SafetensorsFolder, TensorSource
@@ -25,6 +26,7 @@ from srcr.targets.base import (
     BUDGET_CHECK,
     BUDGET_OPTIONS,
     DEFAULT_BITS,
+    PER_TENSOR_GPTQ,
     BudgetRequest,
     ExportResult,
     Imatrix,
@@ -34,7 +36,15 @@ from srcr.targets.base import (
     check_budget_floor,
 )
 from srcr.targets.gguf.blocks import GGML_TYPES
-from srcr.targets.gguf.budget import Allocation, allocate_types, budget_from_bpw, smallest_bytes
+from srcr.targets.gguf.budget import (
+    Allocation,
+    GgufGptq,
+    allocate_types,
+    budget_from_bpw,
+    by_gptq,
+    ggml_type,
+    smallest_bytes,
+)
 from srcr.targets.gguf.convert import SUPPORTED_ARCHITECTURES, architecture_spec, convert_to_gguf, rope_parameters
 from srcr.targets.gguf.fidelity import SKIP_CHECK_VARIABLE, check_reproduces
 from srcr.targets.gguf.llama_log import check_vocab_loads
@@ -54,10 +64,12 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 # Options resolve_quant accepts; `pure` turns off llama.cpp's per-tensor K-quant mix, `quantizer` picks
-# who rounds the decoder's weight matrices: llama.cpp (default) or srcr's GPTQ.
+# who rounds the decoder's weight matrices: llama.cpp (default), srcr's GPTQ, or (within a budget) the
+# better of the two per matrix.
 _OPTIONS = ("pure", "quantizer", *BUDGET_OPTIONS, BUDGET_CHECK)
 UNQUANTIZED = ("F32", "F16", "BF16")
-QUANTIZERS = ("llama.cpp", "gptq")
+AUTO = PER_TENSOR_GPTQ
+QUANTIZERS = ("llama.cpp", "gptq", AUTO)
 # --bits -> the type srcr's GPTQ writes: the legacy block types, whose 32-weight blocks fit any row of a
 # multiple of 32; the K-quants (256-weight super-blocks) at 2, 3 and 6 bits. Q4_K and Q5_K by --quant-type.
 GPTQ_BITS_TO_TYPE = {2: "Q2_K", 3: "Q3_K", 4: "Q4_0", 5: "Q5_0", 6: "Q6_K", 8: "Q8_0"}
@@ -87,6 +99,11 @@ class GGUFTarget:
             raise SrcrError(f"unknown --quantizer {quantizer!r} for GGUF; choose {' or '.join(QUANTIZERS)}")
         if any(key in options for key in BUDGET_OPTIONS):
             return _resolve_budget(bits, quant_type, options)
+        if quantizer == AUTO:
+            raise SrcrError(
+                "--quantizer auto picks llama.cpp's or srcr's GPTQ per matrix within a budget; add --budget-mb "
+                "or --budget-bpw, or choose --quantizer llama.cpp or gptq"
+            )
         if quantizer == "gptq":
             return _resolve_gptq(bits, quant_type, options)
         if quant_type is not None:
@@ -129,10 +146,11 @@ class GGUFTarget:
             rope_parameters(config)
             return
         model_type = getattr(config, "model_type", None)
-        if spec.grid is not None:
+        if spec.grid is not None or uses_gptq(spec):
             raise SrcrError(
-                f"--quantizer gptq writes GGUF through srcr's own writer ({', '.join(SUPPORTED_ARCHITECTURES)}); "
-                f"{model_type} goes through llama.cpp's converter: use --quantizer llama.cpp"
+                f"--quantizer {spec.options.get('quantizer')} writes GGUF through srcr's own writer "
+                f"({', '.join(SUPPORTED_ARCHITECTURES)}); {model_type} goes through llama.cpp's converter: use "
+                "--quantizer llama.cpp"
             )
         architecture = (getattr(config, "architectures", None) or [None])[0]
         if architecture is None:
@@ -161,10 +179,13 @@ class GGUFTarget:
         weights: TensorSource | None = None,
         sensitivity: Mapping[str, KlCurve] | None = None,
         whole_model_kl: WholeModelKl | None = None,
+        gptq: GptqSolver | None = None,
     ) -> ExportResult:
         out = Path(out)
         if spec.allocates and not sensitivity:
             raise SrcrError("a --budget export needs the sensitivities measured on the calibration data; none came")
+        if uses_gptq(spec) and gptq is None:
+            raise SrcrError("--quantizer auto needs the calibration inputs' statistics for GPTQ; none came")
         codes = dict(codes or {})
         if spec.grid is not None and not codes:
             raise SrcrError(f"{spec.quant_type} with --quantizer gptq needs the calibration pass's codes; none came")
@@ -207,13 +228,21 @@ class GGUFTarget:
                 started = time.perf_counter()
                 if spec.allocates:
                     progress("choose a type per tensor", 1, steps)
-                    check = _whole_model_check(model, names, gguf_imatrix, whole_model_kl)
+                    solver = gptq if uses_gptq(spec) else None
+                    check = _whole_model_check(model, names, gguf_imatrix, whole_model_kl, solver)
+                    by_gguf = _gguf_gptq(model, names, solver) if solver is not None else None
                     allocation = _allocate(
-                        full_precision, spec, sensitivity or {}, names, gguf_imatrix, progress, check
+                        full_precision, spec, sensitivity or {}, names, gguf_imatrix, progress, check, by_gguf
                     )
-                    keep, ftype, pure = dict(allocation.types), BUDGET_BASE_TYPE, True
+                    keep, ftype, pure = written_types(allocation), BUDGET_BASE_TYPE, True
                     stage_seconds["allocate"] = time.perf_counter() - started
                     started = time.perf_counter()
+                    if solver is not None and any(by_gptq(label) for label in allocation.types.values()):
+                        progress("write the GPTQ matrices", 1, steps)
+                        codes = _chosen_codes(allocation, names, solver)
+                        convert(model, tokenizer, full_precision, intermediate, hints, codes, weights)
+                        stage_seconds["gptq"] = time.perf_counter() - started
+                        started = time.perf_counter()
                 progress(f"quantize to {spec.quant_type}", 1, steps)
                 # In a child process: Ctrl-C stops it at once, and a crash in llama.cpp stays one line.
                 run_in_child(
@@ -248,7 +277,7 @@ class GGUFTarget:
                 "imatrix": bool(gguf_imatrix),
                 "imatrix_entries": len(gguf_imatrix),
                 "pure": bool(spec.options.get("pure", False)),
-                "quantizer": "gptq" if codes else "llama.cpp",
+                "quantizer": AUTO if uses_gptq(spec) else "gptq" if codes else "llama.cpp",
                 # With GPTQ: the weight matrices llama.cpp still quantized itself (embeddings, output head).
                 "llama_cpp_tensors": written,
                 "gptq_tensors": len(codes),
@@ -291,11 +320,13 @@ BUDGET_BPW_RANGE = (2.0, 8.5)
 
 def _resolve_budget(bits: int | None, quant_type: str | None, options: Mapping[str, object]) -> QuantSpec:
     request = budget_request(bits, quant_type, options, BUDGET_BPW_RANGE, "llama.cpp's types")
-    if options.get("quantizer", "llama.cpp") != "llama.cpp" or options.get("pure"):
+    quantizer = str(options.get("quantizer", "llama.cpp"))
+    if quantizer not in ("llama.cpp", AUTO) or options.get("pure"):
         raise SrcrError(
-            "--budget-mb / --budget-bpw quantize with llama.cpp, tensor by tensor; drop --quantizer / --pure"
+            "--budget-mb / --budget-bpw choose a type per tensor, rounded by llama.cpp (or, with --quantizer auto, "
+            "by llama.cpp or srcr's GPTQ per tensor); drop --pure, use --quantizer llama.cpp or auto"
         )
-    spec_options = {"quantizer": "llama.cpp", **request.spec_options()}
+    spec_options = {"quantizer": quantizer, **request.spec_options()}
     return QuantSpec(format="gguf", bits=request.nominal_bits, quant_type=request.quant_type, options=spec_options)
 
 
@@ -307,6 +338,7 @@ def _allocate(
     imatrix: Mapping[str, np.ndarray],
     progress: ProgressFn,
     check: WholeModelCheck | None,
+    gptq: GgufGptq | None = None,
 ) -> Allocation:
     reader = gguf.GGUFReader(full_precision)
     file_bytes = full_precision.stat().st_size
@@ -316,7 +348,43 @@ def _allocate(
     else:
         budget = int(request.value * 1e6)
     by_gguf_name = {names[name]: value for name, value in sensitivity.items() if name in names}
-    return allocate_types(reader, file_bytes, budget, by_gguf_name, imatrix, progress, check)
+    return allocate_types(reader, file_bytes, budget, by_gguf_name, imatrix, progress, check, gptq)
+
+
+def uses_gptq(spec: QuantSpec) -> bool:
+    """--quantizer auto: srcr's GPTQ competes with llama.cpp's quantizer per matrix (within a budget)."""
+    return spec.per_tensor_gptq
+
+
+def written_types(allocation: Allocation) -> dict[str, str]:
+    """GGUF name -> the ggml type the file stores each matrix in, whoever rounds it."""
+    return {name: ggml_type(label) for name, label in allocation.types.items()}
+
+
+def _gguf_gptq(model: PreTrainedModel, names: Mapping[str, str], solver: GptqSolver) -> GgufGptq:
+    """The solver by GGUF name. Errors are taken on the Hugging Face rows: the Gram metric sums over rows,
+    so a converter's row permutation (Q and K) does not change them."""
+    hugging_face = {gguf_name: name for name, gguf_name in names.items()}
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    grams = {gguf_name: gram for gguf_name, name in hugging_face.items() if (gram := solver.gram(name)) is not None}
+
+    def error(name: str, type_name: str) -> float:
+        source = hugging_face[name]
+        weight = parameters[source].detach().float().cpu().numpy()
+        return gram_error(weight, solver.solve(source, type_name).dequantize().numpy(), grams[name])
+
+    return GgufGptq(gram=grams, error=error)
+
+
+def _chosen_codes(allocation: Allocation, names: Mapping[str, str], solver: GptqSolver) -> dict[str, BlockCodes]:
+    """The GPTQ codes of the matrices the allocation gave to GPTQ, by Hugging Face name (solved again:
+    holding every candidate's codes would take two bytes a weight per type)."""
+    hugging_face = {gguf_name: name for name, gguf_name in names.items()}
+    return {
+        hugging_face[name]: solver.solve(hugging_face[name], ggml_type(label))
+        for name, label in allocation.types.items()
+        if by_gptq(label)
+    }
 
 
 def _whole_model_check(
@@ -324,6 +392,7 @@ def _whole_model_check(
     names: Mapping[str, str],
     imatrix: Mapping[str, np.ndarray],
     whole_model_kl: WholeModelKl | None,
+    gptq: GptqSolver | None = None,
 ) -> WholeModelCheck | None:
     """Candidate allocations measured in PyTorch by GGUF name. ggml quantizes every row on its own, so
     llama.cpp's values for the Hugging Face matrix are its values for the converter's (whose Q and K rows
@@ -334,24 +403,27 @@ def _whole_model_check(
     hugging_face = {gguf_name: name for name, gguf_name in names.items()}
     parameters = dict(model.named_parameters(remove_duplicate=False))
 
-    def approximate(name: str, type_name: str) -> np.ndarray | None:
+    def approximate(name: str, label: str) -> np.ndarray | None:
         source = hugging_face.get(name)
         if source not in parameters or parameters[source].dim() != 2:
             return None
+        if gptq is not None and by_gptq(label):
+            return gptq.solve(source, ggml_type(label)).dequantize().numpy()
         weight = parameters[source].detach().float().cpu().numpy()
-        return roundtrip(weight, type_name, imatrix.get(name))
+        return roundtrip(weight, label, imatrix.get(name))
 
     return WholeModelCheck(approximate, lambda replaced: measure({hugging_face[n]: v for n, v in replaced.items()}))
 
 
 def check_written_as_allocated(reader: gguf.GGUFReader, allocation: Allocation, file_bytes: int) -> None:
     """llama.cpp wrote every matrix in the type srcr chose, and the file fits the budget."""
-    changed = not_written_as_pinned(reader, allocation.types)
+    types = written_types(allocation)
+    changed = not_written_as_pinned(reader, types)
     if changed:
         name, written = next(iter(changed.items()))
         raise SrcrError(
             f"llama.cpp did not write {len(changed)} tensors in the type chosen for them (e.g. {name}: "
-            f"{allocation.types[name]} asked, {written} written); report this with the model"
+            f"{types[name]} asked, {written} written); report this with the model"
         )
     if file_bytes > allocation.budget_bytes:
         raise SrcrError(

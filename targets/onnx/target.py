@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from srcr.base.allocation import Allocation, KlCurve, WholeModelKl
 from srcr.base.errors import SrcrError
 from srcr.base.files import temporary_folder
+from srcr.base.gram import GptqSolver
 from srcr.base.grids import BlockCodes
 from srcr.base.placement import placed
 from srcr.base.progress import ProgressFn, no_progress
@@ -85,6 +86,7 @@ class ONNXTarget:
         weights: TensorSource | None = None,
         sensitivity: Mapping[str, KlCurve] | None = None,
         whole_model_kl: WholeModelKl | None = None,
+        gptq: GptqSolver | None = None,  # never given: ONNX takes no --quantizer
     ) -> ExportResult:
         """Trace, quantize and write `out` (one .onnx file; `<name>.data` beside it only past 2 GB).
 
