@@ -25,8 +25,8 @@ from srcr.base.grids import BlockCodes
 def gram_error(weight: np.ndarray, approximation: np.ndarray, gram: np.ndarray) -> float:
     """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) for [out, in] matrices and the [in, in] Gram matrix H of their inputs."""
     gram = np.asarray(gram, dtype=np.float64)
-    difference = np.asarray(weight, dtype=np.float64) - approximation
     weight = np.asarray(weight, dtype=np.float64)
+    difference = weight - approximation
     total = float(np.einsum("ij,jk,ik->", weight, gram, weight, optimize=True))
     error = float(np.einsum("ij,jk,ik->", difference, gram, difference, optimize=True))
     return error / total if total > 0 else 0.0

@@ -146,7 +146,7 @@ class GGUFTarget:
             rope_parameters(config)
             return
         model_type = getattr(config, "model_type", None)
-        if spec.grid is not None or uses_gptq(spec):
+        if spec.grid is not None or spec.per_tensor_gptq:
             raise SrcrError(
                 f"--quantizer {spec.options.get('quantizer')} writes GGUF through srcr's own writer "
                 f"({', '.join(SUPPORTED_ARCHITECTURES)}); {model_type} goes through llama.cpp's converter: use "
@@ -184,7 +184,7 @@ class GGUFTarget:
         out = Path(out)
         if spec.allocates and not sensitivity:
             raise SrcrError("a --budget export needs the sensitivities measured on the calibration data; none came")
-        if uses_gptq(spec) and gptq is None:
+        if spec.per_tensor_gptq and gptq is None:
             raise SrcrError("--quantizer auto needs the calibration inputs' statistics for GPTQ; none came")
         codes = dict(codes or {})
         if spec.grid is not None and not codes:
@@ -228,7 +228,7 @@ class GGUFTarget:
                 started = time.perf_counter()
                 if spec.allocates:
                     progress("choose a type per tensor", 1, steps)
-                    solver = gptq if uses_gptq(spec) else None
+                    solver = gptq if spec.per_tensor_gptq else None
                     check = _whole_model_check(model, names, gguf_imatrix, whole_model_kl, solver)
                     by_gguf = _gguf_gptq(model, names, solver) if solver is not None else None
                     allocation = _allocate(
@@ -277,7 +277,7 @@ class GGUFTarget:
                 "imatrix": bool(gguf_imatrix),
                 "imatrix_entries": len(gguf_imatrix),
                 "pure": bool(spec.options.get("pure", False)),
-                "quantizer": AUTO if uses_gptq(spec) else "gptq" if codes else "llama.cpp",
+                "quantizer": AUTO if spec.per_tensor_gptq else "gptq" if codes else "llama.cpp",
                 # With GPTQ: the weight matrices llama.cpp still quantized itself (embeddings, output head).
                 "llama_cpp_tensors": written,
                 "gptq_tensors": len(codes),
@@ -349,11 +349,6 @@ def _allocate(
         budget = int(request.value * 1e6)
     by_gguf_name = {names[name]: value for name, value in sensitivity.items() if name in names}
     return allocate_types(reader, file_bytes, budget, by_gguf_name, imatrix, progress, check, gptq)
-
-
-def uses_gptq(spec: QuantSpec) -> bool:
-    """--quantizer auto: srcr's GPTQ competes with llama.cpp's quantizer per matrix (within a budget)."""
-    return spec.per_tensor_gptq
 
 
 def written_types(allocation: Allocation) -> dict[str, str]:
