@@ -9,6 +9,7 @@ ratio and the paired 95% interval of the difference over the evaluation windows 
     python bench/bench_budget.py --train 400              # a small Llama trained here first, never quantized
     python bench/bench_budget.py --model DIR [--presets Q4_K_M,IQ4_XS] [--json out.json]
     python bench/bench_budget.py --format onnx --model DIR  # per-layer MatMulNBits widths vs uniform ones
+    python bench/bench_budget.py --quantizer auto         # also the budget with srcr's GPTQ per matrix (GGUF)
 """
 
 from __future__ import annotations
@@ -55,14 +56,7 @@ def run(model: str | None, out: Path, presets: list[str], args: argparse.Namespa
     )
     setting = pipeline.Setting(pipeline.prune_spec_for(0.0, None, recipe.prune), recipe.prune.structure.spec())
     plan = pipeline.make_plan(recipe, out, False, [], None, [setting], quant_types=presets)
-    measure, measured = pipeline.sensitivity_stage, {}
-
-    def sensitivity_once(pruned, plan, progress):  # one pruned model: its sensitivities measured once
-        if not measured:
-            measured.update(measure(pruned, plan, progress))
-        return measured
-
-    pipeline.sensitivity_stage = sensitivity_once
+    _measure_once(pipeline)
     timer = pipeline.StageTimer()
     progress = no_progress
     loaded = pipeline.load_stage(plan, timer, progress)
@@ -84,11 +78,54 @@ def run(model: str | None, out: Path, presets: list[str], args: argparse.Namespa
             budget = plan.target.resolve_quant(None, None, {"budget_mb": base.artifact.bytes / 1e6})
             ours = export(budget)
             rows.append(_row(spec.quant_type, base, ours))
+            if args.quantizer == "auto":  # the same budget, srcr's GPTQ competing per matrix
+                options = {"budget_mb": base.artifact.bytes / 1e6, "quantizer": "auto"}
+                auto = export(plan.target.resolve_quant(None, None, options))
+                rows.append({**_row(f"{spec.quant_type} --quantizer auto", base, auto), **_auto(auto, ours)})
             if args.budget_check:  # the same budget, its candidates measured on the whole model (same file name)
                 options = {"budget_mb": base.artifact.bytes / 1e6, "budget_check": True}
                 checked = export(plan.target.resolve_quant(None, None, options))
                 rows.append({**_row(f"{spec.quant_type} --budget-check", base, checked), **_checked(checked, ours)})
     return rows
+
+
+def _measure_once(pipeline) -> None:
+    """One pruned model: its sensitivities (one set per metric) and its Gram matrices measured once."""
+    from srcr.exporter import hessians
+
+    measure, measured = pipeline.sensitivity_stage, {}
+
+    def sensitivity_once(pruned, plan, progress, grams=None):
+        key = grams is not None
+        if key not in measured:
+            measured[key] = measure(pruned, plan, progress, grams)
+        return measured[key]
+
+    grams_of, grams = hessians.input_grams, []
+
+    def grams_once(*args, **kwargs):
+        if not grams:
+            grams.append(grams_of(*args, **kwargs))
+        return grams[0]
+
+    pipeline.sensitivity_stage = sensitivity_once
+    hessians.input_grams = grams_once
+
+
+def _auto(auto, llama_cpp_only) -> dict:
+    """How many matrices --quantizer auto gave srcr's GPTQ, and its held-out KL against the llama.cpp-only
+    budget at the same bytes (paired)."""
+    gptq_tensors = auto.quantization.model_dump().get("gptq_tensors") or 0
+    difference = paired_difference(item_scores(auto), item_scores(llama_cpp_only), "kld_mean")
+    interval = difference.as_dict()
+    return {
+        "gptq_tensors": gptq_tensors,
+        "chosen": f"{gptq_tensors} GPTQ; vs llama.cpp-only [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+        f"{' *' if interval['significant'] else ''}",
+        "llama_cpp_only_kl": llama_cpp_only.evaluation.kld.mean,
+        "versus_llama_cpp_only": difference.as_dict(),
+        "seconds": {stage: auto.timings_s.get(stage) for stage in ("statistics", "sensitivity", "allocate", "gptq")},
+    }
 
 
 def _checked(checked, additive) -> dict:
@@ -140,6 +177,10 @@ def main() -> None:
     parser.add_argument(
         "--budget-check", action="store_true", help="also each budget with --budget-check (its candidates measured)"
     )
+    parser.add_argument(
+        "--quantizer", default="llama.cpp", choices=("llama.cpp", "auto"),
+        help="auto: also each budget with --quantizer auto (GGUF), against the llama.cpp-only budget",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-budget-"))

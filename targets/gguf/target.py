@@ -61,6 +61,7 @@ from srcr.targets.gguf.runtime import LlamaCppRuntime, gpu_layers_for
 from srcr.targets.gguf.upstream import check_supported, check_vocab, convert_with_llama_cpp, locate_converter
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 # Options resolve_quant accepts; `pure` turns off llama.cpp's per-tensor K-quant mix, `quantizer` picks
@@ -229,8 +230,9 @@ class GGUFTarget:
                 if spec.allocates:
                     progress("choose a type per tensor", 1, steps)
                     solver = gptq if spec.per_tensor_gptq else None
-                    check = _whole_model_check(model, names, gguf_imatrix, whole_model_kl, solver)
-                    by_gguf = _gguf_gptq(model, names, solver) if solver is not None else None
+                    matrices = _Matrices.of(model, names)
+                    check = _whole_model_check(matrices, gguf_imatrix, whole_model_kl, solver)
+                    by_gguf = _gguf_gptq(matrices, solver) if solver is not None else None
                     allocation = _allocate(
                         full_precision, spec, sensitivity or {}, names, gguf_imatrix, progress, check, by_gguf
                     )
@@ -239,7 +241,7 @@ class GGUFTarget:
                     started = time.perf_counter()
                     if solver is not None and any(by_gptq(label) for label in allocation.types.values()):
                         progress("write the GPTQ matrices", 1, steps)
-                        codes = _chosen_codes(allocation, names, solver)
+                        codes = _chosen_codes(allocation, matrices, solver)
                         convert(model, tokenizer, full_precision, intermediate, hints, codes, weights)
                         stage_seconds["gptq"] = time.perf_counter() - started
                         started = time.perf_counter()
@@ -356,35 +358,60 @@ def written_types(allocation: Allocation) -> dict[str, str]:
     return {name: ggml_type(label) for name, label in allocation.types.items()}
 
 
-def _gguf_gptq(model: PreTrainedModel, names: Mapping[str, str], solver: GptqSolver) -> GgufGptq:
+@dataclasses.dataclass(frozen=True)
+class _Matrices:
+    """The Hugging Face weight matrices by the GGUF names the converter gave them (`names`: Hugging Face
+    name -> GGUF name), for the allocation's measurements."""
+
+    hugging_face: Mapping[str, str]
+    parameters: Mapping[str, torch.nn.Parameter]
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, names: Mapping[str, str]) -> _Matrices:
+        hugging_face = {gguf_name: name for name, gguf_name in names.items()}
+        return cls(hugging_face, dict(model.named_parameters(remove_duplicate=False)))
+
+    def source(self, gguf_name: str) -> str | None:
+        """The Hugging Face name of a GGUF matrix written as it was (None: fused, reshaped or not a matrix)."""
+        source = self.hugging_face.get(gguf_name)
+        if source not in self.parameters or self.parameters[source].dim() != 2:
+            return None
+        return source
+
+    def weight(self, gguf_name: str) -> np.ndarray:
+        return self.parameters[self.hugging_face[gguf_name]].detach().float().cpu().numpy()
+
+
+def _gguf_gptq(matrices: _Matrices, solver: GptqSolver) -> GgufGptq:
     """The solver by GGUF name. Errors are taken on the Hugging Face rows: the Gram metric sums over rows,
     so a converter's row permutation (Q and K) does not change them."""
-    hugging_face = {gguf_name: name for name, gguf_name in names.items()}
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    grams = {gguf_name: gram for gguf_name, name in hugging_face.items() if (gram := solver.gram(name)) is not None}
+    grams = {
+        gguf_name: gram for gguf_name, name in matrices.hugging_face.items() if (gram := solver.gram(name)) is not None
+    }
+    last: dict[str, np.ndarray] = {}  # candidates come a matrix at a time: its weight converted once
 
     def error(name: str, type_name: str) -> float:
-        source = hugging_face[name]
-        weight = parameters[source].detach().float().cpu().numpy()
-        return gram_error(weight, solver.solve(source, type_name).dequantize().numpy(), grams[name])
+        if name not in last:
+            last.clear()
+            last[name] = matrices.weight(name)
+        solved = solver.solve(matrices.hugging_face[name], type_name).dequantize().numpy()
+        return gram_error(last[name], solved, grams[name])
 
     return GgufGptq(gram=grams, error=error)
 
 
-def _chosen_codes(allocation: Allocation, names: Mapping[str, str], solver: GptqSolver) -> dict[str, BlockCodes]:
+def _chosen_codes(allocation: Allocation, matrices: _Matrices, solver: GptqSolver) -> dict[str, BlockCodes]:
     """The GPTQ codes of the matrices the allocation gave to GPTQ, by Hugging Face name (solved again:
     holding every candidate's codes would take two bytes a weight per type)."""
-    hugging_face = {gguf_name: name for name, gguf_name in names.items()}
     return {
-        hugging_face[name]: solver.solve(hugging_face[name], ggml_type(label))
+        matrices.hugging_face[name]: solver.solve(matrices.hugging_face[name], ggml_type(label))
         for name, label in allocation.types.items()
         if by_gptq(label)
     }
 
 
 def _whole_model_check(
-    model: PreTrainedModel,
-    names: Mapping[str, str],
+    matrices: _Matrices,
     imatrix: Mapping[str, np.ndarray],
     whole_model_kl: WholeModelKl | None,
     gptq: GptqSolver | None = None,
@@ -395,19 +422,18 @@ def _whole_model_check(
     if whole_model_kl is None:
         return None
     measure = whole_model_kl
-    hugging_face = {gguf_name: name for name, gguf_name in names.items()}
-    parameters = dict(model.named_parameters(remove_duplicate=False))
 
     def approximate(name: str, label: str) -> np.ndarray | None:
-        source = hugging_face.get(name)
-        if source not in parameters or parameters[source].dim() != 2:
+        source = matrices.source(name)
+        if source is None:
             return None
         if gptq is not None and by_gptq(label):
             return gptq.solve(source, ggml_type(label)).dequantize().numpy()
-        weight = parameters[source].detach().float().cpu().numpy()
-        return roundtrip(weight, label, imatrix.get(name))
+        return roundtrip(matrices.weight(name), label, imatrix.get(name))
 
-    return WholeModelCheck(approximate, lambda replaced: measure({hugging_face[n]: v for n, v in replaced.items()}))
+    return WholeModelCheck(
+        approximate, lambda replaced: measure({matrices.hugging_face[n]: v for n, v in replaced.items()})
+    )
 
 
 def check_written_as_allocated(reader: gguf.GGUFReader, allocation: Allocation, file_bytes: int) -> None:
