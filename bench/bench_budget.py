@@ -51,7 +51,7 @@ def run(model: str | None, out: Path, presets: list[str], args: argparse.Namespa
             "model": {"source": model, "stream": "off"},
             "export": {"format": args.format},
             "calibration": {"samples": args.calib_samples, "seq_len": args.seq_len},
-            "evaluate": {"windows": args.windows},
+            "evaluate": {"windows": args.windows, "text": str(args.eval_text) if args.eval_text else None},
         }
     )
     setting = pipeline.Setting(pipeline.prune_spec_for(0.0, None, recipe.prune), recipe.prune.structure.spec())
@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--eval-text", type=Path, default=None, help="held-out text (default: lee.cor, 8 windows)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--budget-check", action="store_true", help="also each budget with --budget-check (its candidates measured)"
