@@ -123,7 +123,7 @@ def _auto(auto, llama_cpp_only) -> dict:
         "chosen": f"{gptq_tensors} GPTQ; vs llama.cpp-only [{interval['low']:+.4f}, {interval['high']:+.4f}]"
         f"{' *' if interval['significant'] else ''}",
         "llama_cpp_only_kl": llama_cpp_only.evaluation.kld.mean,
-        "versus_llama_cpp_only": difference.as_dict(),
+        "versus_llama_cpp_only": interval,
         "seconds": {stage: auto.timings_s.get(stage) for stage in ("statistics", "sensitivity", "allocate", "gptq")},
     }
 
