@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from srcr.base.allocation import KlCurve, relative_error
+from srcr.base.allocation import KlCurve
 from srcr.base.errors import SrcrError
-from srcr.base.gram import gram_error
+from srcr.base.gram import output_error
 from srcr.base.placement import placed
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.exporter.pruning.driver import capture_layer_inputs, decoder_layers, inference_setup, module_names, run_layer
@@ -93,7 +93,7 @@ def measure_sensitivity(
     calibration tokens. The model is run in float32 and left exactly as it was.
 
     With `grams` (exporter/hessians.py) a matrix that has one is measured in the Gram metric
-    (srcr.base.gram.gram_error) instead of the importance-weighted one: its curve must be read in the
+    (srcr.base.gram.output_error) instead of the importance-weighted one: its curve must be read in the
     metric its candidates' errors are given in."""
     ids = _windows(calib_ids, tokens)
     target = torch.device(device)
@@ -189,10 +189,8 @@ ErrorMeasure = Callable[[np.ndarray, np.ndarray], float]
 
 
 def _error_measure(importance: np.ndarray | None, gram: torch.Tensor | None) -> ErrorMeasure:
-    if gram is not None:
-        gram_values = gram.numpy()
-        return lambda weight, rounded: gram_error(weight, rounded, gram_values)
-    return lambda weight, rounded: relative_error(weight, rounded, importance)
+    gram_values = None if gram is None else gram.numpy()
+    return lambda weight, rounded: output_error(weight, rounded, importance, gram_values)
 
 
 def _probed(weight: nn.Parameter, error_of: ErrorMeasure, kl: Callable[[], float]) -> Sensitivity:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from srcr.base.allocation import relative_error
 from srcr.base.grids import BlockCodes
 
 
@@ -30,6 +31,16 @@ def gram_error(weight: np.ndarray, approximation: np.ndarray, gram: np.ndarray) 
     total = float(np.einsum("ij,jk,ik->", weight, gram, weight, optimize=True))
     error = float(np.einsum("ij,jk,ik->", difference, gram, difference, optimize=True))
     return error / total if total > 0 else 0.0
+
+
+def output_error(
+    weight: np.ndarray, approximation: np.ndarray, importance: np.ndarray | None, gram: np.ndarray | None
+) -> float:
+    """A matrix's relative error in the one metric its KL curve and its candidates share: the Gram
+    metric where the Gram matrix is known, else the importance-weighted one."""
+    if gram is not None:
+        return gram_error(weight, approximation, gram)
+    return relative_error(weight, approximation, importance)
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,9 @@ from srcr.base.allocation import (
     WholeModelCheck,
     allocate_file,
     frontier,
-    relative_error,
 )
 from srcr.base.errors import SrcrError
-from srcr.base.gram import gram_error
+from srcr.base.gram import output_error
 from srcr.base.grids import GRIDS
 from srcr.base.progress import ProgressFn, no_progress
 from srcr.targets.gguf.roundtrip import roundtrip, tensor_bytes, writable
@@ -109,8 +108,7 @@ def tensor_options(
     for type_name in candidates:
         if not writable(type_name, columns, importance is not None):
             continue
-        rounded = roundtrip(weight, type_name, importance)
-        error = relative_error(weight, rounded, importance) if gram is None else gram_error(weight, rounded, gram)
+        error = output_error(weight, roundtrip(weight, type_name, importance), importance, gram)
         options.append(Option(type_name, tensor_bytes(type_name, rows, columns), curve(error)))
     if not options:
         raise SrcrError(f"llama.cpp writes no quantized type for rows of {columns} weights; use --quant-type F16")
