@@ -10,6 +10,11 @@ ratio and the paired 95% interval of the difference over the evaluation windows 
     python bench/bench_budget.py --model DIR [--presets Q4_K_M,IQ4_XS] [--json out.json]
     python bench/bench_budget.py --format onnx --model DIR  # per-layer MatMulNBits widths vs uniform ones
     python bench/bench_budget.py --quantizer auto         # also the budget with srcr's GPTQ per matrix (GGUF)
+    python bench/bench_budget.py --cuts "ffn=0.01,allocation=global;layers=0.04"  # structured cut, then budget
+
+With --cuts, each structured cut (sweep --structures syntax) is made first and the budget spent on what
+is left, at each preset's bytes, paired against the uncut budget file of the same bytes: a cut pays only
+when the bytes it frees buy back more than it loses.
 """
 
 from __future__ import annotations
@@ -55,15 +60,17 @@ def run(model: str | None, out: Path, presets: list[str], args: argparse.Namespa
         }
     )
     setting = pipeline.Setting(pipeline.prune_spec_for(0.0, None, recipe.prune), recipe.prune.structure.spec())
-    plan = pipeline.make_plan(recipe, out, False, [], None, [setting], quant_types=presets)
+    cut_settings = [_cut_setting(pipeline, recipe, values) for values in args.cuts]
+    plan = pipeline.make_plan(recipe, out, False, [], None, [setting, *cut_settings], quant_types=presets)
+    setting, cut_settings = plan.settings[0], plan.settings[1:]
     _measure_once(pipeline)
     timer = pipeline.StageTimer()
     progress = no_progress
     loaded = pipeline.load_stage(plan, timer, progress)
     calibration = pipeline.calibration_stage(plan, loaded)
     pack = pipeline.reference_stage(plan, loaded, out, timer, progress)
-    rows = []
-    with pipeline.prune_stage(plan, loaded, setting, calibration, out, timer, progress, reuse_dense=True) as pruned:
+    rows, uncut = [], {}
+    with pipeline.prune_stage(plan, loaded, setting, calibration, out, timer, progress, reuse_dense=False) as pruned:
 
         def export(spec):
             name = pipeline.default_name(plan.source.label, setting, spec)
@@ -86,7 +93,57 @@ def run(model: str | None, out: Path, presets: list[str], args: argparse.Namespa
                 options = {"budget_mb": base.artifact.bytes / 1e6, "budget_check": True}
                 checked = export(plan.target.resolve_quant(None, None, options))
                 rows.append({**_row(f"{spec.quant_type} --budget-check", base, checked), **_checked(checked, ours)})
+            uncut[spec.quant_type] = (base, ours)
+    for cut in cut_settings:
+        with pipeline.prune_stage(plan, loaded, cut, calibration, out, timer, progress, reuse_dense=False) as pruned:
+            for quant_type, (base, ours) in uncut.items():
+                console.print(f"[bold]{quant_type} bytes, cut {_describe(cut.structure)}[/]")
+                name = f"cut{cut_settings.index(cut)}-at-{quant_type}"
+                paths = pipeline.OutputPaths.for_name(out, name, plan.target.suffix)
+                spec = plan.target.resolve_quant(None, None, {"budget_mb": base.artifact.bytes / 1e6})
+                cut_file = pipeline.write_export(pruned, plan, spec, paths, pack, pipeline.StageTimer(), progress,
+                                                 recipe, True)  # fmt: skip
+                rows.append({**_row(f"{quant_type} bytes, {_describe(cut.structure)}", base, cut_file),
+                             **_cut(cut_file, ours, pruned)})  # fmt: skip
     return rows
+
+
+def _cut_setting(pipeline, recipe, values: dict):
+    from srcr.exporter.pruning.structured.spec import StructureSpec
+
+    # Only budget files are written from a cut, and a GGUF budget rounds widths to 32 (the presets' 256
+    # would make the smallest cut eight times coarser).
+    values = {**values, "multiple": values["multiple"] or 32}
+    return pipeline.Setting(pipeline.prune_spec_for(0.0, None, recipe.prune), StructureSpec(**values))
+
+
+def _describe(structure) -> str:
+    parts = []
+    if structure.drop_layers:
+        parts.append(f"{structure.depth_method} layers {structure.drop_layers:g}")
+    if structure.ffn_ratio:
+        parts.append(f"{structure.width_method} ffn {structure.ffn_ratio:g}")
+    if structure.head_ratio:
+        parts.append(f"{structure.width_method} heads {structure.head_ratio:g}")
+    if structure.width and structure.allocation == "global":
+        parts.append("global")
+    return " ".join(parts)
+
+
+def _cut(cut_file, uncut, pruned) -> dict:
+    """What the cut removed, and its held-out KL against the uncut budget file of the same bytes (paired)."""
+    report = pruned.structure
+    difference = paired_difference(item_scores(cut_file), item_scores(uncut), "kld_mean")
+    interval = difference.as_dict()
+    removed = 1 - report.parameters_after / report.parameters_before
+    return {
+        "removed_parameters": removed,
+        "chosen": f"cut {removed:.2%} of params; vs uncut [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+        f"{' *' if interval['significant'] else ''}",
+        "uncut_kl": uncut.evaluation.kld.mean,
+        "versus_uncut": interval,
+        "notes": report.notes,
+    }
 
 
 def _measure_once(pipeline) -> None:
@@ -96,7 +153,7 @@ def _measure_once(pipeline) -> None:
     measure, measured = pipeline.sensitivity_stage, {}
 
     def sensitivity_once(pruned, plan, progress, grams=None):
-        key = grams is not None
+        key = (id(pruned.loaded.model), grams is not None)
         if key not in measured:
             measured[key] = measure(pruned, plan, progress, grams)
         return measured[key]
@@ -182,8 +239,13 @@ def main() -> None:
         "--quantizer", default="llama.cpp", choices=("llama.cpp", "auto"),
         help="auto: also each budget with --quantizer auto (GGUF), against the llama.cpp-only budget",
     )  # fmt: skip
+    parser.add_argument("--cuts", default="", help="structured cuts to spend the budget after, sweep --structures "
+                        "syntax ('ffn=0.01,allocation=global;layers=0.04')")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    from srcr.exporter.cli import parse_structures
+
+    args.cuts = [values for values in parse_structures(args.cuts) if len(values) > 1] if args.cuts else []
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-budget-"))
     model = args.model
     if args.train:

@@ -8,11 +8,18 @@ known yet, so GPTQ here is the "independent" variant, every matrix solved on cle
 `PerTensorGptq` then solves any matrix on any grid on demand (srcr.exporter.pruning.gptq, with
 SparseGPT's dampening and dead-input rule), so the target can score GPTQ beside llama.cpp's types and
 ask again for the codes of the ones it chose; nothing is held but the Gram matrices.
+
+Those take 4·in² bytes per distinct input (10 GiB for a Llama-3.2-3B, 20 GiB for a 7B): they stay in
+memory when they take at most a quarter of what is available, and otherwise go to memory-mapped files
+in a scratch folder beside the output (`gram_storage`), which the page cache reads back one matrix at a
+time; a run that has room for neither is refused before calibration.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,8 +42,12 @@ from srcr.exporter.pruning.gptq import quantize_columnwise
 from srcr.exporter.pruning.sparsegpt import SparseGPT, inverse_hessian_upper
 from srcr.exporter.pruning.spec import DEFAULT_PERCDAMP, PruneSpec
 
-# The most the Gram matrices may take in memory (float32, one per group of linears sharing an input).
-GRAM_MEMORY_LIMIT = 8 * 2**30
+# The share of the available memory the Gram matrices may take before they go to disk: the model itself,
+# the sensitivity passes and llama.cpp's quantizer need the rest.
+MEMORY_SHARE = 0.25
+# Free disk space left over after memory-mapped Gram matrices, for the artifact and its temporary copies.
+DISK_RESERVE = 2 * 2**30
+GramStorage = Literal["memory", "disk"]
 _STATISTICS_ONLY = PruneSpec(method="sparsegpt", sparsity=0.0)
 
 
@@ -48,22 +59,47 @@ def gram_bytes(config: object) -> int:
     return 4 * int(config.num_hidden_layers) * (2 * hidden * hidden + attention * attention + intermediate**2)
 
 
-def check_gram_memory(config: object) -> None:
-    """Refuse before calibration when the Gram matrices would not fit in `GRAM_MEMORY_LIMIT`."""
+def gram_storage(config: object, folder: Path) -> GramStorage:
+    """Where `input_grams` keeps this model's Gram matrices: in memory when they take at most
+    `MEMORY_SHARE` of the available memory, else on disk in `folder` (the output's) when it has room and
+    `DISK_RESERVE` to spare; a SrcrError naming both when neither has."""
+    import psutil
+
     needed = gram_bytes(config)
-    if needed > GRAM_MEMORY_LIMIT:
-        raise SrcrError(
-            f"--quantizer auto keeps each decoder linear's input Gram matrix, {needed / 2**30:.1f} GiB for this "
-            f"model (at most {GRAM_MEMORY_LIMIT / 2**30:.0f} GiB); use --quantizer llama.cpp"
-        )
+    available = psutil.virtual_memory().available
+    if needed <= MEMORY_SHARE * available:
+        return "memory"
+    free = _free_disk(folder)
+    if needed + DISK_RESERVE <= free:
+        return "disk"
+    raise SrcrError(
+        f"--quantizer auto keeps each decoder linear's input Gram matrix, {needed / 2**30:.1f} GiB for this model: "
+        f"more than a quarter of the {available / 2**30:.1f} GiB of memory available, and the "
+        f"{free / 2**30:.1f} GiB free on disk at {folder} leave less than {DISK_RESERVE / 2**30:.0f} GiB beside "
+        "them; free disk space there, write the output elsewhere (--out), or use --quantizer llama.cpp"
+    )
+
+
+def _free_disk(folder: Path) -> int:
+    import shutil
+
+    existing = Path(folder).absolute()
+    while not existing.exists():  # the output folder is made later
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
 
 
 def input_grams(
-    model: nn.Module, calib_ids: torch.Tensor, device: str = "cpu", progress: ProgressFn = no_progress
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    device: str = "cpu",
+    progress: ProgressFn = no_progress,
+    folder: Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """Hugging Face weight name of every decoder linear -> E[x xᵀ] of its inputs over the calibration
     tokens (float32 [in, in] on the CPU; linears that read the same tensor share one). The model is
-    run in float32 and left as it was."""
+    run in float32 and left as it was. With `folder` each matrix is written there and read back
+    memory-mapped; the folder must outlive the returned tensors."""
     target = torch.device(device)
     grams: dict[str, torch.Tensor] = {}
     with torch.no_grad(), inference_setup(model), placed(model, target, torch.float32):
@@ -74,11 +110,22 @@ def input_grams(
             outputs = torch.empty_like(inputs)
             for group in calibrate_layer(layer, inputs, layer_kwargs[index], _STATISTICS_ONLY, SparseGPT, outputs):
                 gram = group.method.hessian.div_(2).cpu()  # SparseGPT accumulates 2 E[x xᵀ]
+                if folder is not None:
+                    gram = _mapped(gram, Path(folder) / f"{len(grams)}.f32")
                 for name in group.linears:
                     grams[f"{names[index]}.{name}.weight"] = gram
             inputs = outputs
-            progress(f"input statistics layer {index + 1}/{len(layers)}", index + 1, len(layers))
+            where = " (Gram matrices on disk)" if folder is not None else ""
+            progress(f"input statistics layer {index + 1}/{len(layers)}{where}", index + 1, len(layers))
     return grams
+
+
+def _mapped(gram: torch.Tensor, path: Path) -> torch.Tensor:
+    """`gram` written to `path` and read back memory-mapped (copy-on-write: no reader changes the file)."""
+    array = gram.numpy()
+    with path.open("wb") as handle:
+        array.tofile(handle)
+    return torch.from_numpy(np.memmap(path, dtype=array.dtype, mode="c", shape=array.shape))
 
 
 class PerTensorGptq:

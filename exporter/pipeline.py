@@ -307,7 +307,7 @@ def make_plan(
             global_widths = setting.structure.width and setting.structure.allocation == "global"
             target.check_structure(source.config, setting.structure.drop_layers > 0, global_widths)
     if any(spec.per_tensor_gptq for spec in specs):
-        _check_per_tensor_gptq(source.config, settings)
+        _check_per_tensor_gptq(source.config, settings, out)
     stream = _decide_stream(recipe.model.stream, target, source, model_skeleton, settings, specs)
     if stream and any(spec.allocates for spec in specs):
         raise SrcrError(
@@ -611,10 +611,13 @@ def write_export(
         if spec.allocates:
             grams = None
             if spec.per_tensor_gptq:
-                from srcr.exporter.hessians import PerTensorGptq, input_grams
+                from srcr.exporter.hessians import PerTensorGptq, gram_storage, input_grams
 
+                folder = None
+                if gram_storage(loaded.model.config, paths.artifact.parent) == "disk":
+                    folder = outputs.enter_context(temporary_folder(paths.artifact.parent, "grams"))
                 with timer.stage("statistics"):
-                    grams = input_grams(loaded.model, pruned.calibration.input_ids, plan.device, progress)
+                    grams = input_grams(loaded.model, pruned.calibration.input_ids, plan.device, progress, folder)
                 gptq = PerTensorGptq(loaded.model, grams, plan.device).solver()
             with timer.stage("sensitivity"):
                 sensitivity = sensitivity_stage(pruned, plan, progress, grams)
@@ -654,17 +657,18 @@ def write_export(
     return manifest
 
 
-def _check_per_tensor_gptq(config: Any, settings: Sequence[Any]) -> None:
+def _check_per_tensor_gptq(config: Any, settings: Sequence[Any], out: Path) -> None:
     """--quantizer auto: refused for unstructured pruning (GPTQ per matrix would refill the pruned
-    weights; --quantizer gptq prunes and rounds in one solve) and when the Gram matrices would not fit."""
-    from srcr.exporter.hessians import check_gram_memory
+    weights; --quantizer gptq prunes and rounds in one solve) and when the Gram matrices would fit
+    neither in memory nor on disk beside the output."""
+    from srcr.exporter.hessians import gram_storage
 
     if any(setting.prune.prunes for setting in settings):
         raise SrcrError(
             "--quantizer auto rounds unpruned matrices (its GPTQ would refill pruned weights); drop --sparsity, "
             "or use --quantizer gptq for SparseGPT + GPTQ in one solve"
         )
-    check_gram_memory(config)
+    gram_storage(config, out)
 
 
 def sensitivity_stage(

@@ -339,3 +339,40 @@ def test_quantizer_auto_writes_the_gptq_codes_it_chose_and_fits(wide_model_dir, 
     decoded = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(weight.shape)
     assert relative_error(weight, decoded, None) < 0.05
     assert not np.array_equal(decoded, roundtrip(weight, chosen[name], None))
+
+
+def test_quantizer_auto_with_gram_matrices_on_disk_writes_the_same_file(wide_model_dir, tmp_path, monkeypatch):
+    """When memory is short the Gram matrices go to memory-mapped files beside the output: the same bytes
+    come out, and the scratch folder is gone afterwards."""
+    from srcr.exporter import hessians
+
+    flags = ("--budget-bpw", "4.5", "--quantizer", "auto")
+    in_memory = _export(wide_model_dir, tmp_path / "memory", *flags)
+    assert in_memory.exit_code == 0, in_memory.output
+    mapped, real = [], hessians._mapped
+    monkeypatch.setattr(hessians, "MEMORY_SHARE", 0.0)
+    monkeypatch.setattr(hessians, "_mapped", lambda gram, path: mapped.append(path) or real(gram, path))
+    on_disk = _export(wide_model_dir, tmp_path / "disk", *flags)
+    assert on_disk.exit_code == 0, on_disk.output
+    assert len(mapped) == 2 * 4  # per layer: q/k/v's input, o_proj's, gate/up's, down_proj's
+    assert all(path.parent.parent == tmp_path / "disk" for path in mapped)
+    first, second = json.loads(in_memory.stdout), json.loads(on_disk.stdout)
+    assert second["quantization"]["gptq_tensors"] > 0
+    assert second["artifact"]["sha256"] == first["artifact"]["sha256"]
+    assert sorted(entry.name for entry in (tmp_path / "disk").iterdir()) == sorted(
+        entry.name for entry in (tmp_path / "memory").iterdir()
+    )
+
+
+def test_quantizer_auto_is_refused_before_calibration_when_the_grams_fit_nowhere(wide_model_dir, tmp_path,
+                                                                                 monkeypatch):  # fmt: skip
+    from srcr.exporter import hessians, pipeline
+
+    monkeypatch.setattr(hessians, "MEMORY_SHARE", 0.0)
+    monkeypatch.setattr(hessians, "_free_disk", lambda folder: hessians.DISK_RESERVE)
+    monkeypatch.setattr(pipeline, "load_stage", lambda *args: pytest.fail("the weights were loaded first"))
+    result = _export(wide_model_dir, tmp_path / "out", "--budget-bpw", "4.5", "--quantizer", "auto")
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "free disk space there" in message and "--quantizer llama.cpp" in message
+    assert not (tmp_path / "out").exists()
