@@ -92,7 +92,7 @@ def sweep(
     `cache`: True for the default stage cache, a folder for another, False or None for none; `task_cpus`:
     each Ray task's CPUs and torch threads (None: this machine's torch threads, the local run's bytes)."""
     from srcr.exporter.stage_cache import default_cache_root
-    from srcr.exporter.sweep import RunOptions, run_sweep, summarize, write_report
+    from srcr.exporter.sweep import RunOptions, recommendation_budget, run_sweep, summarize, write_report
 
     job = _with_model(load_recipe(recipe), model)
     if job.sweep is None:
@@ -103,7 +103,7 @@ def sweep(
     run = RunOptions(executor=executor, ray_address=ray_address, cache=cache_root, task_cpus=task_cpus)
     manifests = run_sweep(job, Path(out), allow_pickle=allow_pickle, progress=progress, run=run)
     axes = job.sweep
-    summary = summarize(manifests, axes.budget_mb, axes.min_retention)
+    summary = summarize(manifests, recommendation_budget(job), axes.min_retention)
     title = f"srcr sweep: {manifests[0].source_model.id} ({job.export.format})"
     return SweepResult(manifests, summary, write_report(summary, Path(out), title))
 

@@ -602,6 +602,17 @@ def common_name_prefix(names: list[str]) -> str:
     return prefix[: prefix.rfind("-") + 1]
 
 
+def _allocating_axes(ctx: typer.Context, recipe: Any) -> Any:
+    """--allocate-mb stands in for the bit-width axes: the defaults go, ones the user named stay (and are refused)."""
+    from srcr.exporter.flags import given_flags
+
+    given = given_flags(ctx, {"allocate_mb": (), "bits": (), "quant_type": ()})
+    if "allocate_mb" not in given:
+        return recipe
+    cleared = {axis: [] for axis in ("bits", "quant_type") if axis not in given}
+    return recipe.merged({"sweep": cleared}) if cleared else recipe
+
+
 def sweep_tables(summary: SweepSummary) -> list[Table]:
     from srcr.exporter.sweep_report import difference_text, interval_text
 
@@ -638,7 +649,7 @@ def sweep_tables(summary: SweepSummary) -> list[Table]:
             f"{record['bytes'] / 1e6:.1f}",
             f"{record['tcr']:.4f}",
             f"{record['actual']:.3f}",
-            _fmt(record["kld"], ".4f"),
+            _fmt(record["kld"], ".3g"),
             *(_fmt(retention.get(name), ".3f") for name in ("perplexity", "semantic", "last_word")),
             _fmt(record["sr"], ".4f"),
             interval_text(record.get("sr_interval")),
@@ -786,6 +797,15 @@ def sweep(
         float | None,
         typer.Option(help="Recommend the most compression with Sr at least this.", rich_help_panel=P_OUT),
     ] = SWEEP_DEFAULT.min_retention,
+    allocate_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="Make every configuration's file this many MB, its types chosen per tensor as srcr export "
+            "--budget-mb chooses them, so that pruning settings (structured cuts above all) compete at equal "
+            "bytes. Replaces --bits and --quant-type; the recommendation is the best Sr among them.",
+            rich_help_panel=P_QUANT,
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="Sweep folder; rerunning with the same folder resumes.", rich_help_panel=P_OUT)
     ] = Path("sweep"),
@@ -858,6 +878,7 @@ def sweep(
     }
     with user_errors(console, interrupted=resumable) as interrupts:
         recipe = recipe_from_flags(ctx, SWEEP_FLAGS, base_recipe(recipe_file, sweep=True), converters)
+        recipe = _allocating_axes(ctx, recipe)
         if print_recipe:
             typer.echo(recipe.to_toml(), nl=False)
             return

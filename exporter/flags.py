@@ -75,6 +75,7 @@ SWEEP_FLAGS: dict[str, tuple[str, ...]] = {
     "quantizer": ("sweep", "quantizer"),
     "budget_mb": ("sweep", "budget_mb"),
     "min_retention": ("sweep", "min_retention"),
+    "allocate_mb": ("quantize", "budget_mb"),
 }
 
 Converter = Callable[[Any], Any]

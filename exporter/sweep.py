@@ -217,16 +217,41 @@ class RunOptions:
 def sweep_plan(recipe: Recipe, out: Path, allow_pickle: bool) -> Plan:
     """The sweep's plan: every input checked, no weight read (a Ray task makes it again, as cheaply)."""
     axes = sweep_axes(recipe)
-    if recipe.quantize.budget_mb is not None or recipe.quantize.budget_bpw is not None:
+    if recipe.quantize.budget_bpw is not None:
         raise SrcrError(
-            "quantize.budget_mb / budget_bpw make one file per budget: run srcr export --budget-mb; a sweep's "
-            "--budget-mb recommends the best of its files instead"
+            "a sweep compares its budget files at equal bytes, and at equal bits per weight a cut model's file is "
+            "smaller; use --allocate-mb (quantize.budget_mb) instead of quantize.budget_bpw"
         )
+    if recipe.quantize.budget_mb is not None:
+        return _allocating_plan(recipe, out, allow_pickle, axes)
     if not axes.bits and not axes.quant_type:
         raise SrcrError("--bits is empty; pass the bit-widths to try, e.g. --bits 2,3,4,8, or --quant-type")
     bits, quantizers = list(dict.fromkeys(axes.bits)), list(dict.fromkeys(axes.quantizer)) or [None]
     quant_types = list(dict.fromkeys(axes.quant_type))
     return make_plan(recipe, out, allow_pickle, bits, None, sweep_settings(recipe), quantizers, quant_types)
+
+
+def _allocating_plan(recipe: Recipe, out: Path, allow_pickle: bool, axes: SweepStage) -> Plan:
+    """--allocate-mb: one file of that size per pruning setting, its types chosen per tensor as
+    `srcr export --budget-mb` chooses them, so that settings (structured cuts above all) compete at equal bytes."""
+    if axes.bits or axes.quant_type:
+        raise SrcrError(
+            "--allocate-mb gives every pruning setting one file of that size, its types chosen per tensor; drop "
+            "--bits and --quant-type (in a recipe: sweep.bits = [] and sweep.quant_type = [])"
+        )
+    quantizers = list(dict.fromkeys(axes.quantizer)) or [None]
+    if len(quantizers) > 1:
+        raise SrcrError(
+            f"--allocate-mb takes one quantizer, not {', '.join(map(str, quantizers))}: run one sweep per "
+            "quantizer into its own --out"
+        )
+    return make_plan(recipe, out, allow_pickle, [None], None, sweep_settings(recipe), quantizers)
+
+
+def recommendation_budget(recipe: Recipe) -> float | None:
+    """The MB a sweep recommends within: its --budget-mb, else the size --allocate-mb gave every file."""
+    axes = sweep_axes(recipe)
+    return axes.budget_mb if axes.budget_mb is not None else recipe.quantize.budget_mb
 
 
 def run_sweep(

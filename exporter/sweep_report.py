@@ -113,7 +113,7 @@ def render_report(
             f"{r['bytes'] / 1e6:.1f}",
             f"{r['tcr']:.4f}",
             f"{r['actual']:.3f}",
-            "-" if r["kld"] is None else f"{r['kld']:.4f}",
+            "-" if r["kld"] is None else f"{r['kld']:.3g}",
             f"{r['sr']:.4f}",
             interval_text(r.get("sr_interval")),
             f"{r['srcr']:.4f}",

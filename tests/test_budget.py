@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from srcr.targets.gguf.roundtrip import roundtrip, tensor_bytes  # noqa: E402
 from srcr.targets.gguf.target import GGUFTarget  # noqa: E402
 
 runner = CliRunner()
+PROMPTS = Path(__file__).parent / "data" / "prompts_small.jsonl"
 
 
 TYPES = ["Q2_K", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "IQ4_NL", "Q5_0", "Q5_1", "Q8_0"]
@@ -259,14 +261,62 @@ def test_budget_errors_are_one_line_and_leave_nothing(wide_model_dir, tmp_path, 
     assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
 
 
-def test_a_sweep_recipe_with_a_budget_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"quantize": {"budget_mb": 90.0}}, "drop --bits and --quant-type"),  # the default bit-width axis
+        ({"quantize": {"budget_bpw": 4.5}, "sweep": {"bits": []}}, "use --allocate-mb"),
+        ({"quantize": {"budget_mb": 90.0}, "sweep": {"bits": [], "quantizer": ["llama.cpp", "auto"]}}, "one quantizer"),
+    ],
+)
+def test_a_sweep_recipe_with_a_budget_it_cannot_compare_is_refused_before_any_work(tmp_path, changes, fragment):
     from srcr.exporter.recipe import Recipe, SweepStage
     from srcr.exporter.sweep import sweep_plan
 
-    recipe = Recipe().merged({"quantize": {"budget_mb": 90.0}, "sweep": SweepStage().model_dump()})
-    with pytest.raises(SrcrError, match="srcr export --budget-mb"):
+    recipe = Recipe().merged({"sweep": SweepStage().model_dump()}).merged(changes)
+    with pytest.raises(SrcrError, match=fragment):
         sweep_plan(recipe, tmp_path / "sweep", False)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_allocate_mb_refuses_a_bit_width_axis_it_would_replace(wide_model_dir, tmp_path):
+    args = ["sweep", "--model", str(wide_model_dir), "--allocate-mb", "9", "--bits", "4", "--out", str(tmp_path / "s")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "drop --bits and --quant-type" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_sweep_allocate_mb_makes_every_setting_a_file_of_that_size(wide_model_dir, tmp_path, fmt):
+    """Structured cuts compete at equal bytes: every configuration is a budget file of the one size, the cut
+    model's FFN is narrower (in multiples of 32, a budget's block), and each manifest replays its budget."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(wide_model_dir), "--format", fmt, "--sparsity", "0", "--allocate-mb", "9",
+            "--structures", "none;ffn=0.25,allocation=global", "--calib-samples", "2", "--seq-len", "64",
+            "--eval-windows", "2", "--last-word-items", "4", "--new-tokens", "4", "--no-builtin-prompts",
+            "--prompts", str(PROMPTS), "--out", str(out), "--json"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert len(payload["records"]) == 2
+    assert payload["recommendation"].startswith("Recommended for the highest Sr within 9")
+    widths = {}
+    for record in payload["records"]:
+        manifest = json.loads((out / f"{record['name']}.manifest.json").read_text())
+        assert manifest["quantization"]["allocation"]["budget_bytes"] == 9_000_000
+        assert manifest["artifact"]["bytes"] <= 9_000_000
+        assert manifest["recipe"]["quantize"]["budget_mb"] == 9.0 and manifest["recipe"]["sweep"] is None
+        structure = manifest["pruning"]["structure"]
+        widths[record["name"]] = [row["ffn"] for row in structure["widths"]] if structure else [512, 512]
+        if fmt == "gguf":  # the file itself holds those widths
+            reader = gguf.GGUFReader(out / manifest["artifact"]["file"])
+            downs = sorted((t.name, int(t.shape[0])) for t in reader.tensors if t.name.endswith("ffn_down.weight"))
+            assert [width for _, width in downs] == widths[record["name"]]
+    dense, cut = (widths[name] for name in sorted(widths, key=lambda name: "flap" in name))
+    assert dense == [512, 512]
+    assert sum(cut) < 2 * 512 and all(width % 32 == 0 for width in cut)
 
 
 def test_the_budget_is_a_recipe_field_the_flag_sets(wide_model_dir):
