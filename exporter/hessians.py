@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from srcr.base.errors import SrcrError
+from srcr.base.files import existing_ancestor
 from srcr.base.gram import GptqSolver
 from srcr.base.grids import BlockCodes, grid
 from srcr.base.placement import placed
@@ -83,10 +84,7 @@ def gram_storage(config: object, folder: Path) -> GramStorage:
 def _free_disk(folder: Path) -> int:
     import shutil
 
-    existing = Path(folder).absolute()
-    while not existing.exists():  # the output folder is made later
-        existing = existing.parent
-    return shutil.disk_usage(existing).free
+    return shutil.disk_usage(existing_ancestor(Path(folder).absolute())).free
 
 
 def input_grams(

@@ -120,6 +120,14 @@ def contained_file(folder: Path, name: Any, what: str) -> Path:
     return path
 
 
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself when it exists, else the nearest of its parents that does (a folder made later lies there)."""
+    ancestor = Path(path)
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
 def check_output_folder(folder: Path, option: str = "--out") -> None:
     """Fail before any expensive work if `folder` cannot receive files."""
     folder = Path(folder)
@@ -128,9 +136,7 @@ def check_output_folder(folder: Path, option: str = "--out") -> None:
             raise SrcrError(f"{option} {folder} is a file, not a folder; pass a folder (it is created if missing)")
         _probe_writable(folder, option)
         return
-    ancestor = folder.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = existing_ancestor(folder)
     if not ancestor.is_dir():
         raise SrcrError(f"{option} {folder} lies under {ancestor}, which is a file; pass another folder")
     _probe_writable(ancestor, option, created=folder)
